@@ -1,0 +1,362 @@
+"""Cross-image nearest-neighbour bootstrapping (SPEC §4; C kernel: csrc/bootstrap.c).
+
+A memory queue of the teacher's object representations of recent images; each
+object of the current batch retrieves its nearest neighbour in the queue (per
+view), and the pair is kept only if the neighbour's other view points back to
+the same object (the cycle-consistency check).  The retrieved neighbours are the
+targets of the cross-image loss (Lebailly, Stegmüller et al., ICLR 2024, §3.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import _C
+from ._arrays import as_float32, as_int64, check_int
+
+__all__ = ["topk_cosine", "ObjectQueue", "Match"]
+
+
+def topk_cosine(queries: Any, bank: Any, k: int = 1, *, query_ids: Any = None,
+                bank_ids: Any = None) -> Tuple[np.ndarray, np.ndarray]:
+    """The k most cosine-similar bank rows of each query.
+
+    The bank is searched in blocks (sgemm on 512 x 1024 tiles), so the extra
+    memory is a few MB per thread whatever the bank size.  A zero vector has
+    similarity 0 with everything.
+
+    Args:
+        queries: (M, d) float.
+        bank: (Q, d) float, Q >= k.
+        k: neighbours per query, 1 <= k <= Q.
+        query_ids, bank_ids: optional (M,) and (Q,) integer ids, given together:
+            a bank row with the same id as the query is never returned.
+
+    Returns:
+        ``(indices, similarities)``: (M, k) int64 and (M, k) float32, sorted by
+        similarity (descending), ties to the lowest bank index.  Where exclusion
+        leaves fewer than k candidates the rest are index -1, similarity -inf.
+    """
+    fn = "topk_cosine"
+    q = as_float32(queries, fn, "queries")
+    b = as_float32(bank, fn, "bank")
+    k = check_int(k, fn, "k", 1, 2**31 - 1)
+    if (query_ids is None) != (bank_ids is None):
+        raise ValueError(f"{fn}: query_ids and bank_ids must be given together")
+    qi = None if query_ids is None else as_int64(query_ids, fn, "query_ids")
+    bi = None if bank_ids is None else as_int64(bank_ids, fn, "bank_ids")
+    return _C.topk_cosine(q, b, k, qi, bi)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Result of :meth:`ObjectQueue.match` for M query objects of width d.
+
+    Attributes:
+        index1, index2: (M,) int64 queue addresses (newest first) of the nearest
+            view-1 / view-2 entries, -1 where nothing was matched.
+        mask1, mask2: (M,) bool, the pair passed its cycle check (never for -1).
+        targets1, targets2: (M, d) float32 un-normalised queue entries
+            ``q1[index1]`` and ``q2[index2]`` (zeros for -1).
+        similarity1, similarity2: (M,) float32 cosine similarities (-inf for -1).
+    """
+
+    index1: np.ndarray
+    index2: np.ndarray
+    mask1: np.ndarray
+    mask2: np.ndarray
+    targets1: np.ndarray
+    targets2: np.ndarray
+    similarity1: np.ndarray
+    similarity2: np.ndarray
+
+    @property
+    def consistent_fraction(self) -> float:
+        """Fraction of (object, view) pairs that passed the cycle check."""
+        n = self.mask1.size + self.mask2.size
+        return float((self.mask1.sum() + self.mask2.sum()) / n) if n else 0.0
+
+
+class ObjectQueue:
+    """A FIFO memory of the valid teacher objects of the last ``capacity`` images.
+
+    Storage holds only valid objects (no padding to K per image), for view 1 and
+    view 2, newest image first; an image with no valid object still takes a slot.
+    The state is plain NumPy arrays, so ``state_dict()`` is a checkpoint.
+
+    Args:
+        capacity: images held (the reference uses 25 000 on COCO).
+        dim: object width d.
+        exclude_same_image: when image ids are given, never match an object to a
+            queue entry from the same source image (on a data set smaller than the
+            queue an object otherwise finds its own copy from the last epoch).
+
+    Example:
+        >>> q = cribo.ObjectQueue(capacity=1000, dim=384)
+        >>> m = q.match(t1, t2)             # look up, then
+        >>> q.push(t1, t2, counts)          # push the batch (SPEC §4 order)
+    """
+
+    def __init__(self, capacity: int, dim: int, *, exclude_same_image: bool = True) -> None:
+        self.capacity = check_int(capacity, "ObjectQueue", "capacity", 1, 2**31 - 1)
+        self.dim = check_int(dim, "ObjectQueue", "dim", 1, 2**31 - 1)
+        self.exclude_same_image = bool(exclude_same_image)
+        # Objects live in [_start, _end) of the buffers, newest first; images in
+        # [_istart, _iend) of the image arrays.  New blocks go in front; when the
+        # front is full the live part moves to the back of a (grown) buffer.
+        self._q1 = np.zeros((0, self.dim), np.float32)
+        self._q2 = np.zeros((0, self.dim), np.float32)
+        self._obj_ids = np.zeros(0, np.int64)
+        self._img_counts = np.zeros(0, np.int64)
+        self._img_ids = np.zeros(0, np.int64)
+        self._start = self._end = 0
+        self._istart = self._iend = 0
+
+    # ---------------------------------------------------------------- views
+    def __len__(self) -> int:
+        """Images held."""
+        return self._iend - self._istart
+
+    @property
+    def n_objects(self) -> int:
+        """Objects held (per view)."""
+        return self._end - self._start
+
+    @property
+    def objects1(self) -> np.ndarray:
+        """(n_objects, d) view-1 entries, newest first (a view, do not modify)."""
+        return self._q1[self._start:self._end]
+
+    @property
+    def objects2(self) -> np.ndarray:
+        """(n_objects, d) view-2 entries, newest first (a view, do not modify)."""
+        return self._q2[self._start:self._end]
+
+    @property
+    def object_ids(self) -> np.ndarray:
+        """(n_objects,) source image id of each entry (-1 where none was given)."""
+        return self._obj_ids[self._start:self._end]
+
+    @property
+    def image_counts(self) -> np.ndarray:
+        """(len,) objects of each held image, newest first."""
+        return self._img_counts[self._istart:self._iend]
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """(len,) id of each held image, newest first (-1 where none was given)."""
+        return self._img_ids[self._istart:self._iend]
+
+    def __repr__(self) -> str:
+        return (f"ObjectQueue(capacity={self.capacity}, dim={self.dim}, images={len(self)}, "
+                f"objects={self.n_objects})")
+
+    # ---------------------------------------------------------------- push
+    def push(self, objects1: Any, objects2: Any, counts: Any, image_ids: Any = None) -> None:
+        """Put a batch in front of the queue, then drop the oldest images.
+
+        Args:
+            objects1, objects2: (M, d) the batch's valid teacher objects of view 1
+                and view 2, image by image, clusters in order within an image.
+            counts: (B,) objects of each image (sum M; 0 allowed: the image still
+                takes a slot).
+            image_ids: optional (B,) integer ids of the source images.
+        """
+        fn = "ObjectQueue.push"
+        o1, o2, counts = self._check_objects(fn, objects1, objects2, counts)
+        B = counts.shape[0]
+        if image_ids is None:
+            ids = np.full(B, -1, np.int64)
+        else:
+            ids = as_int64(image_ids, fn, "image_ids")
+            if ids.shape != (B,):
+                raise ValueError(f"{fn}: image_ids must have shape ({B},) like counts, "
+                                 f"got {ids.shape}")
+            if ids.size and ids.min() < 0:
+                raise ValueError(f"{fn}: image_ids must be non-negative")
+        if B > self.capacity:  # a block larger than the queue keeps its first images
+            keep = int(counts[: self.capacity].sum())
+            o1, o2 = o1[:keep], o2[:keep]
+            counts, ids = counts[: self.capacity], ids[: self.capacity]
+            B = self.capacity
+        M = o1.shape[0]
+        # Drop images from the back until the batch fits.
+        while len(self) + B > self.capacity:
+            self._iend -= 1
+            self._end -= int(self._img_counts[self._iend])
+        self._reserve(M, B)
+        self._start -= M
+        self._istart -= B
+        self._q1[self._start:self._start + M] = o1
+        self._q2[self._start:self._start + M] = o2
+        self._obj_ids[self._start:self._start + M] = np.repeat(ids, counts)
+        self._img_counts[self._istart:self._istart + B] = counts
+        self._img_ids[self._istart:self._istart + B] = ids
+
+    def _reserve(self, m: int, b: int) -> None:
+        """Make room for m objects and b images in front of the live part."""
+        if self._start >= m and self._istart >= b:
+            return
+        live, ilive = self.n_objects, len(self)
+        # Room for the live part plus as much again (amortised O(1) per object).
+        cap = max(self._q1.shape[0], 2 * (live + m), 64)
+        icap = max(self._img_counts.shape[0], 2 * (ilive + b), 16)
+        self._q1 = self._moved(self._q1, self._start, self._end, cap)
+        self._q2 = self._moved(self._q2, self._start, self._end, cap)
+        self._obj_ids = self._moved(self._obj_ids, self._start, self._end, cap)
+        self._img_counts = self._moved(self._img_counts, self._istart, self._iend, icap)
+        self._img_ids = self._moved(self._img_ids, self._istart, self._iend, icap)
+        self._start, self._end = cap - live, cap
+        self._istart, self._iend = icap - ilive, icap
+
+    @staticmethod
+    def _moved(a: np.ndarray, lo: int, hi: int, cap: int) -> np.ndarray:
+        if a.shape[0] == cap:
+            # Same size: move the live part to the back in place (ranges may overlap;
+            # numpy handles overlapping assignment correctly).
+            n = hi - lo
+            a[cap - n:cap] = a[lo:hi].copy()
+            return a
+        out = np.zeros((cap,) + a.shape[1:], a.dtype)
+        n = hi - lo
+        out[cap - n:cap] = a[lo:hi]
+        return out
+
+    # ---------------------------------------------------------------- match
+    def match(self, objects1: Any, objects2: Any, image_ids: Any = None) -> Match:
+        """Nearest queue entries of the batch's objects, with both cycle checks.
+
+        For object j with teacher representations t1_j, t2_j (cosine similarity
+        throughout): ``a(j)`` is the nearest view-1 entry to t1_j; pair 1 is kept
+        iff the nearest batch view-2 object to the view-2 entry of ``a(j)`` is j
+        itself; symmetrically ``b(j)`` and pair 2.  Ties go to the lowest address.
+
+        Args:
+            objects1, objects2: (M, d) the batch's valid teacher objects.
+            image_ids: optional (M,) source image id of each object; with
+                ``exclude_same_image`` an entry of the same image is never matched.
+
+        Returns:
+            A :class:`Match`; an empty queue matches nothing (all -1 / False).
+        """
+        fn = "ObjectQueue.match"
+        o1 = self._check_view(fn, "objects1", objects1)
+        o2 = self._check_view(fn, "objects2", objects2)
+        if o1.shape != o2.shape:
+            raise ValueError(f"{fn}: objects1 and objects2 must have the same shape, got "
+                             f"{o1.shape} and {o2.shape}")
+        M = o1.shape[0]
+        qids = None
+        if image_ids is not None:
+            qids = as_int64(image_ids, fn, "image_ids")
+            if qids.shape != (M,):
+                raise ValueError(f"{fn}: image_ids must have shape ({M},) (one id per object), "
+                                 f"got {qids.shape}")
+            if qids.size and qids.min() < 0:
+                raise ValueError(f"{fn}: image_ids must be non-negative")
+        index = [np.full(M, -1, np.int64), np.full(M, -1, np.int64)]
+        sim = [np.full(M, -np.inf, np.float32), np.full(M, -np.inf, np.float32)]
+        mask = [np.zeros(M, bool), np.zeros(M, bool)]
+        targets = [np.zeros((M, self.dim), np.float32), np.zeros((M, self.dim), np.float32)]
+        if M == 0 or self.n_objects == 0:
+            return Match(index[0], index[1], mask[0], mask[1], targets[0], targets[1],
+                         sim[0], sim[1])
+        exclude = self.exclude_same_image and qids is not None
+        queue = (self.objects1, self.objects2)
+        batch = (o1, o2)
+        for v in (0, 1):
+            other = 1 - v
+            if exclude:
+                idx, s = _C.topk_cosine(batch[v], queue[v], 1, qids, self.object_ids)
+            else:
+                idx, s = _C.topk_cosine(batch[v], queue[v], 1, None, None)
+            idx, s = idx[:, 0], s[:, 0]
+            found = idx >= 0
+            index[v], sim[v] = idx, s
+            if found.any():
+                # Cycle: the retrieved entry's other view must point back to j.
+                back = np.ascontiguousarray(queue[other][idx[found]])
+                j_back, _ = _C.topk_cosine(back, batch[other], 1, None, None)
+                mask[v][found] = j_back[:, 0] == np.flatnonzero(found)
+                targets[v][found] = queue[v][idx[found]]
+        return Match(index[0], index[1], mask[0], mask[1], targets[0], targets[1],
+                     sim[0], sim[1])
+
+    # ---------------------------------------------------------------- checks
+    def _check_view(self, fn: str, name: str, x: Any) -> np.ndarray:
+        a = as_float32(x, fn, name)
+        if a.ndim != 2 or a.shape[1] != self.dim:
+            raise ValueError(f"{fn}: {name} must have shape (M, {self.dim}), got {a.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{fn}: {name} must be finite, got NaN or infinity")
+        return a
+
+    def _check_objects(self, fn: str, objects1: Any, objects2: Any, counts: Any):
+        o1 = self._check_view(fn, "objects1", objects1)
+        o2 = self._check_view(fn, "objects2", objects2)
+        if o1.shape != o2.shape:
+            raise ValueError(f"{fn}: objects1 and objects2 must have the same shape, got "
+                             f"{o1.shape} and {o2.shape}")
+        c = as_int64(counts, fn, "counts")
+        if c.ndim != 1:
+            raise ValueError(f"{fn}: counts must have shape (B,), got {c.shape}")
+        if c.size and c.min() < 0:
+            raise ValueError(f"{fn}: counts must be non-negative")
+        if int(c.sum()) != o1.shape[0]:
+            raise ValueError(f"{fn}: counts must sum to the number of objects {o1.shape[0]}, "
+                             f"got {int(c.sum())}")
+        return o1, o2, c
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> Dict[str, Any]:
+        """The queue as plain arrays and ints (newest first), for checkpoints."""
+        return {
+            "capacity": self.capacity,
+            "dim": self.dim,
+            "exclude_same_image": self.exclude_same_image,
+            "objects1": self.objects1.copy(),
+            "objects2": self.objects2.copy(),
+            "object_ids": self.object_ids.copy(),
+            "image_counts": self.image_counts.copy(),
+            "image_ids": self.image_ids.copy(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; checks it is consistent before changing anything."""
+        fn = "ObjectQueue.load_state_dict"
+        required = ("capacity", "dim", "objects1", "objects2", "object_ids", "image_counts",
+                    "image_ids")
+        if not isinstance(state, dict):
+            raise TypeError(f"{fn}: state must be a dict from state_dict(), got {type(state)}")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise KeyError(f"{fn}: state is missing {missing}")
+        if int(state["dim"]) != self.dim:
+            raise ValueError(f"{fn}: state has dim {int(state['dim'])}, this queue {self.dim}")
+        o1 = self._check_view(fn, "objects1", state["objects1"])
+        o2 = self._check_view(fn, "objects2", state["objects2"])
+        if o1.shape != o2.shape:
+            raise ValueError(f"{fn}: objects1 and objects2 differ in shape")
+        oid = as_int64(state["object_ids"], fn, "object_ids")
+        cnt = as_int64(state["image_counts"], fn, "image_counts")
+        iid = as_int64(state["image_ids"], fn, "image_ids")
+        if oid.shape != (o1.shape[0],) or cnt.ndim != 1 or iid.shape != cnt.shape:
+            raise ValueError(f"{fn}: inconsistent shapes in state")
+        if (cnt.size and cnt.min() < 0) or int(cnt.sum()) != o1.shape[0]:
+            raise ValueError(f"{fn}: image_counts must be non-negative and sum to the objects")
+        if not np.array_equal(oid, np.repeat(iid, cnt)):
+            raise ValueError(f"{fn}: object_ids do not agree with image_ids and image_counts")
+        capacity = int(state["capacity"])
+        if capacity < 1 or cnt.shape[0] > capacity:
+            raise ValueError(f"{fn}: state holds {cnt.shape[0]} images for capacity {capacity}")
+        self.capacity = capacity
+        self.exclude_same_image = bool(state.get("exclude_same_image", self.exclude_same_image))
+        self._q1 = o1.copy()
+        self._q2 = o2.copy()
+        self._obj_ids = oid.copy()
+        self._img_counts = cnt.copy()
+        self._img_ids = iid.copy()
+        self._start, self._end = 0, o1.shape[0]
+        self._istart, self._iend = 0, cnt.shape[0]

@@ -1,0 +1,87 @@
+"""Object pooling (SPEC §3; C kernel: csrc/pool.c).
+
+``c_i^k = sum_n Qhat_i(n, k) z_i^n``: the representation of object k in view i is
+the mean of its member tokens (hard labels) or the Qhat-weighted mean (soft
+weights, columns L1-normalised per view).  Applied to the teacher's tokens and,
+with gradients, to the student's.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _C
+from ._arrays import as_float32, as_int64, check_int
+
+__all__ = ["pool", "pool_backward"]
+
+
+def _assignment(assignment: Any, fn: str):
+    a = np.asarray(assignment)
+    if a.dtype.kind in "iu":
+        return "hard", as_int64(a, fn, "labels")
+    if a.dtype.kind == "f":
+        return "soft", as_float32(a, fn, "weights")
+    raise TypeError(f"{fn}: assignment must be integer labels (B, 2, N) or float weights "
+                    f"(B, 2, N, K), got dtype {a.dtype}")
+
+
+def pool(tokens: Any, assignment: Any, n_clusters: Optional[int] = None) -> np.ndarray:
+    """Pool tokens into per-view object representations.
+
+    Args:
+        tokens: (B, 2, N, d) tokens of both views (any float dtype, converted to
+            float32).
+        assignment: either integer ``labels`` (B, 2, N) in [0, K) (-1: in no
+            cluster), giving the per-view mean of each cluster's members (zeros
+            for a cluster empty in that view); or non-negative float ``weights``
+            (B, 2, N, K), whose columns are L1-normalised within each view here
+            (a zero column stays zero), giving ``Qhat^T z`` through one sgemm per
+            image and view.
+        n_clusters: K; required with labels, optional (must match) with weights.
+
+    Returns:
+        (B, 2, K, d) float32 objects.
+    """
+    fn = "pool"
+    tok = as_float32(tokens, fn, "tokens")
+    kind, a = _assignment(assignment, fn)
+    if kind == "hard":
+        if n_clusters is None:
+            raise ValueError(f"{fn}: n_clusters is required with integer labels")
+        K = check_int(n_clusters, fn, "n_clusters", 1, 2**31 - 1)
+        return _C.pool(tok, a, K)
+    if n_clusters is not None and a.ndim == 4 and n_clusters != a.shape[3]:
+        raise ValueError(f"{fn}: n_clusters={n_clusters} does not match weights with K = "
+                         f"{a.shape[3]}")
+    return _C.pool_soft(tok, a)
+
+
+def pool_backward(grad_objects: Any, assignment: Any,
+                  n_clusters: Optional[int] = None) -> np.ndarray:
+    """Gradient of :func:`pool` w.r.t. the tokens.
+
+    ``dz[b, i, n] = sum_k Qhat[b, i, n, k] * grad_objects[b, i, k]``; with labels
+    that is ``grad_objects[b, i, labels[b, i, n]] / count`` (0 for label -1).
+
+    Args:
+        grad_objects: (B, 2, K, d) gradient w.r.t. the pooled objects.
+        assignment: the labels (B, 2, N) or weights (B, 2, N, K) given to pool.
+        n_clusters: K; required with labels.
+
+    Returns:
+        (B, 2, N, d) float32 gradient w.r.t. the tokens.
+    """
+    fn = "pool_backward"
+    g = as_float32(grad_objects, fn, "grad_objects")
+    kind, a = _assignment(assignment, fn)
+    if kind == "hard":
+        if n_clusters is None:
+            raise ValueError(f"{fn}: n_clusters is required with integer labels")
+        K = check_int(n_clusters, fn, "n_clusters", 1, 2**31 - 1)
+        return _C.pool_backward(g, a, K)
+    if n_clusters is not None and a.ndim == 4 and n_clusters != a.shape[3]:
+        raise ValueError(f"{fn}: n_clusters={n_clusters} does not match weights with K = "
+                         f"{a.shape[3]}")
+    return _C.pool_soft_backward(g, a)

@@ -1,0 +1,161 @@
+/* cribo.h -- the C core of cribo: CrIBo's operators over raw buffers.
+ *
+ * One file per operator family, one per SPEC.md section:
+ *   cluster.c    SPEC §2  joint-space clustering (positional cost, log-domain Sinkhorn)
+ *   pool.c       SPEC §3  object pooling, forward and backward, hard and soft
+ *   bootstrap.c  SPEC §4  blocked top-k cosine search (the queue look-up, dense evaluation)
+ *   loss.c       SPEC §5  fused softmax cross-entropy + gradient, centre update
+ *   parallel.c            static row/image splits over pthreads
+ *
+ * Conventions (STYLE.md): arguments are outputs, inputs, shapes, hyper-parameters,
+ * workspace, thread count.  Shapes are int64_t with these letters:
+ *   B images, N tokens per view, J = 2N joint tokens, D features, K clusters,
+ *   M queries, Q bank rows, R rows of logits, L logits per row.
+ * Offsets are computed in int64_t; the binding has checked every dimension <= INT_MAX,
+ * so casting a dimension to int at a cblas_* call is safe.
+ * Kernels never allocate (workspace is passed in, sized by the *_workspace_size
+ * functions, in bytes), never print, never abort.  Work is split statically over
+ * independent images or rows, so results do not depend on the number of threads.
+ * Ties (argmax, top-k) always go to the lowest index.
+ */
+#ifndef CRIBO_H
+#define CRIBO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define CRIBO_OK 0
+#define CRIBO_ENONFINITE 1 /* an input held NaN or +-inf */
+
+/* ------------------------------------------------------------------ parallel.c */
+
+/* Calls fn(ctx, begin, end, tid) on the static split of [0, n) into n_threads
+ * contiguous chunks (chunk t = [n*t/T, n*(t+1)/T)), chunk 0 on the calling thread.
+ * Falls back to the calling thread alone if a thread cannot be started. */
+typedef void (*cribo_task_fn)(void *ctx, int64_t begin, int64_t end, int tid);
+void cribo_parallel_for(int64_t n, int n_threads, cribo_task_fn fn, void *ctx);
+
+/* 1 if every one of the n floats is finite, else 0. */
+int cribo_all_finite(const float *x, int64_t n);
+
+/* ------------------------------------------------------------------- cluster.c */
+
+typedef struct {
+    double pos_weight;       /* alpha_pos >= 0; 0 skips the positional cost */
+    double sinkhorn_lambda;  /* lambda > 0 */
+    int64_t sinkhorn_iters;  /* >= 0 */
+    int64_t n_iters;         /* >= 1 */
+    int update_marginals;    /* c_k = count_k + 0.01, normalised, after each assignment */
+} cribo_cluster_params;
+
+/* Bytes of workspace one thread needs for cribo_cluster (multiply by n_threads). */
+size_t cribo_cluster_workspace_size(int64_t N, int64_t D, int64_t K);
+
+/* Joint-space clustering of SPEC §2, image by image (parallel over images).
+ *   labels (B, J)     out: cluster of each joint token, j = view * N + n
+ *   counts (B, 2, K)  out: members of each cluster in each view
+ *   plan   (B, J, K)  out, may be NULL: transport plan T of the last iteration
+ *   tokens (B, J, D)  in: teacher tokens (the (B, 2, N, D) array)
+ *   pos    (B, J, 2)  in: (x, y) of each token in the original image frame
+ *   init   (B, K)     in: distinct joint indices in [0, J) seeding the clusters
+ *   work   n_threads * cribo_cluster_workspace_size(N, D, K) bytes, 64-byte aligned */
+void cribo_cluster(int64_t *labels, int64_t *counts, float *plan,
+                   const float *tokens, const float *pos, const int64_t *init,
+                   int64_t B, int64_t N, int64_t D, int64_t K,
+                   const cribo_cluster_params *params, void *work, int n_threads);
+
+/* ---------------------------------------------------------------------- pool.c */
+
+/* Hard pooling, SPEC §3: per-view mean of member tokens (zeros for an empty cluster),
+ * summed in double.  Parallel over the 2B (image, view) pairs.
+ *   out    (B, 2, K, D)  overwritten
+ *   tokens (B, 2, N, D)
+ *   labels (B, 2, N)     cluster in [0, K), or -1 for a token in no cluster
+ *   work   n_threads * cribo_pool_workspace_size(D, K) bytes */
+size_t cribo_pool_workspace_size(int64_t D, int64_t K);
+void cribo_pool_forward(float *out, const float *tokens, const int64_t *labels,
+                        int64_t B, int64_t N, int64_t D, int64_t K,
+                        void *work, int n_threads);
+
+/* Backward of cribo_pool_forward w.r.t. tokens.
+ *   dtokens (B, 2, N, D)  overwritten: dout[b, i, labels[b, i, n]] / count, 0 for -1
+ *   dout    (B, 2, K, D)
+ *   work    as for cribo_pool_forward */
+void cribo_pool_backward(float *dtokens, const float *dout, const int64_t *labels,
+                         int64_t B, int64_t N, int64_t D, int64_t K,
+                         void *work, int n_threads);
+
+/* Soft pooling: out[b, i] = Qhat[b, i]^T @ tokens[b, i], Qhat = weights with each
+ * column L1-normalised within its view (a zero column stays zero).
+ *   out     (B, 2, K, D)  overwritten
+ *   tokens  (B, 2, N, D)
+ *   weights (B, 2, N, K)  non-negative
+ *   work    n_threads * cribo_pool_soft_workspace_size(D, K) bytes */
+size_t cribo_pool_soft_workspace_size(int64_t D, int64_t K);
+void cribo_pool_soft_forward(float *out, const float *tokens, const float *weights,
+                             int64_t B, int64_t N, int64_t D, int64_t K,
+                             void *work, int n_threads);
+
+/* Backward of cribo_pool_soft_forward w.r.t. tokens: dtokens = Qhat @ dout.
+ *   dtokens (B, 2, N, D) overwritten;  dout (B, 2, K, D) */
+void cribo_pool_soft_backward(float *dtokens, const float *dout, const float *weights,
+                              int64_t B, int64_t N, int64_t D, int64_t K,
+                              void *work, int n_threads);
+
+/* ----------------------------------------------------------------- bootstrap.c */
+
+/* The bank is searched in blocks of CRIBO_TOPK_BROWS rows, the queries in chunks of
+ * CRIBO_TOPK_QROWS, so the similarity scratch is QROWS x BROWS floats per thread
+ * whatever the bank size.  Threads split the bank blocks statically; each keeps its
+ * own top-k lists, merged in a fixed order at the end. */
+#define CRIBO_TOPK_QROWS 512
+#define CRIBO_TOPK_BROWS 1024
+size_t cribo_topk_workspace_size(int64_t M, int64_t k, int n_threads);
+
+/* k most cosine-similar bank rows of each query (a zero vector has similarity 0),
+ * sorted by similarity, ties to the lowest bank index.  Where ids are given, bank
+ * row q is never returned for query m if bank_ids[q] == query_ids[m]; missing
+ * results are index -1 and similarity -inf.
+ *   idx       (M, k)  out
+ *   sim       (M, k)  out
+ *   queries   (M, D)
+ *   bank      (Q, D)
+ *   query_ids (M) and bank_ids (Q), or both NULL
+ * Returns CRIBO_ENONFINITE if a query or bank row has a non-finite norm. */
+int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const float *bank,
+                      const int64_t *query_ids, const int64_t *bank_ids,
+                      int64_t M, int64_t Q, int64_t D, int64_t k,
+                      void *work, int n_threads);
+
+/* ---------------------------------------------------------------------- loss.c */
+
+/* Fused softmax cross-entropy with up to two teachers per student row, SPEC §5.
+ * For each row r, with p_s = softmax(s / student_temp), p_a = softmax((ta - ca) / temp_a):
+ *   loss_a[r] = H(p_a, p_s) = -sum_l p_a[l] log p_s[l]      (same for b)
+ *   grad[r]   = (wa[r] * (p_s - p_a) + wb[r] * (p_s - p_b)) / student_temp
+ * The logits are read once from memory and the gradient written once.
+ *   loss_a, loss_b (R)     out (loss_b may be NULL; it is 0 where wb[r] == 0 skips b)
+ *   grad      (R, L)       out, may be NULL (forward only)
+ *   s         (R, L)       student logits
+ *   ta, tb    (R, L)       teacher logits (tb may be NULL: no second teacher)
+ *   ca, cb    (L)          centres, may be NULL (zero)
+ *   wa, wb    (R)          per-row gradient weights, may be NULL (1 for a, 0 for b);
+ *                          a row with wb[r] == 0 does not read tb[r]
+ *   work      n_threads * cribo_xent_workspace_size(L) bytes
+ * Returns CRIBO_ENONFINITE if a logit (or centre) read is not finite. */
+size_t cribo_xent_workspace_size(int64_t L);
+int cribo_xent_forward_backward(float *loss_a, float *loss_b, float *grad,
+                                const float *s, const float *ta, const float *tb,
+                                const float *ca, const float *cb,
+                                const float *wa, const float *wb,
+                                int64_t R, int64_t L,
+                                double student_temp, double temp_a, double temp_b,
+                                void *work, int n_threads);
+
+/* Column means of x (R, L) accumulated in double, parallel over columns:
+ *   out (L) = momentum * center + (1 - momentum) * mean_r x[r]
+ * (center may be NULL: treated as zero).  R >= 1. */
+void cribo_center_update(float *out, const float *center, const float *x,
+                         int64_t R, int64_t L, double momentum, int n_threads);
+
+#endif /* CRIBO_H */

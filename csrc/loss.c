@@ -1,0 +1,232 @@
+/* loss.c -- self-distillation losses, SPEC §5.
+ *
+ * For a student row s and teacher rows t (centre c, temperature tau_t):
+ *   p_t = softmax((t - c) / tau_t),  log p_s = log_softmax(s / tau_s)
+ *   H(p_t, p_s) = lse(s / tau_s) - sum_l p_t[l] s[l] / tau_s
+ *   dH/ds = (softmax(s / tau_s) - p_t) / tau_s
+ * One row at a time: pass 1 reads the logits from memory once (scaled copies into
+ * per-thread scratch rows, maxima, a finiteness check); pass 2 exponentiates in the
+ * scratch rows (cache-resident) and accumulates the normalisers and dot products in
+ * double lanes; pass 3 writes the gradient once.  Rows are independent and split
+ * statically over threads. */
+#include <math.h>
+#include <string.h>
+
+#include "cribo.h"
+#include "vmath.h"
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+size_t cribo_xent_workspace_size(int64_t L)
+{
+    return 3 * align64((size_t)L * sizeof(float));
+}
+
+typedef struct {
+    float *loss_a;
+    float *loss_b;
+    float *grad;
+    const float *s;
+    const float *ta;
+    const float *tb;
+    const float *ca;
+    const float *cb;
+    const float *wa;
+    const float *wb;
+    int64_t L;
+    double inv_s, inv_a, inv_b;
+    char *work;
+    size_t ws;
+    int bad[256];
+} xent_job;
+
+/* x[l] = (t[l] - c[l]) * a, c may be NULL; returns 1 if every x[l] is finite. */
+CRIBO_SIMD
+static int scale_row(float *x, const float *t, const float *c, float a, int64_t L)
+{
+    if (c != NULL) {
+        for (int64_t l = 0; l < L; l++) {
+            x[l] = (t[l] - c[l]) * a;
+        }
+    } else {
+        for (int64_t l = 0; l < L; l++) {
+            x[l] = t[l] * a;
+        }
+    }
+    return cribo_all_finite(x, L);
+}
+
+/* e[l] = exp(x[l] - m) in place; returns sum_l e[l] and, in *dot, sum_l e[l] * y[l]. */
+CRIBO_SIMD
+static double exp_row(float *e, float m, const float *y, double *dot, int64_t L)
+{
+    for (int64_t l = 0; l < L; l++) {
+        e[l] = cribo_expf(e[l] - m);
+    }
+    double z[CRIBO_LANES] = {0};
+    double d[CRIBO_LANES] = {0};
+    int64_t l = 0;
+    for (; l + CRIBO_LANES <= L; l += CRIBO_LANES) {
+        for (int i = 0; i < CRIBO_LANES; i++) {
+            z[i] += (double)e[l + i];
+            d[i] += (double)(e[l + i] * y[l + i]);
+        }
+    }
+    double zs = 0.0;
+    double ds = 0.0;
+    for (; l < L; l++) {
+        zs += (double)e[l];
+        ds += (double)(e[l] * y[l]);
+    }
+    for (int i = 0; i < CRIBO_LANES; i++) {
+        zs += z[i];
+        ds += d[i];
+    }
+    *dot = ds;
+    return zs;
+}
+
+CRIBO_SIMD
+static void write_grad(float *g, const float *es, const float *ea, const float *eb,
+                       float cs, float ca, float cb, int64_t L)
+{
+    if (eb != NULL) {
+        for (int64_t l = 0; l < L; l++) {
+            g[l] = cs * es[l] - ca * ea[l] - cb * eb[l];
+        }
+    } else {
+        for (int64_t l = 0; l < L; l++) {
+            g[l] = cs * es[l] - ca * ea[l];
+        }
+    }
+}
+
+static void xent_task(void *ctx, int64_t begin, int64_t end, int tid)
+{
+    xent_job *job = (xent_job *)ctx;
+    const int64_t L = job->L;
+    char *base = job->work + (size_t)tid * job->ws;
+    float *xs = (float *)base;
+    float *xa = (float *)(base + align64((size_t)L * sizeof(float)));
+    float *xb = (float *)(base + 2 * align64((size_t)L * sizeof(float)));
+    for (int64_t r = begin; r < end; r++) {
+        const double wa = job->wa != NULL ? (double)job->wa[r] : 1.0;
+        const double wb = job->wb != NULL ? (double)job->wb[r] : 0.0;
+        const int use_b = job->tb != NULL && wb != 0.0;
+        /* Pass 1: scaled logits, finiteness, maxima. */
+        int ok = scale_row(xs, job->s + r * L, NULL, (float)job->inv_s, L);
+        ok &= scale_row(xa, job->ta + r * L, job->ca, (float)job->inv_a, L);
+        if (use_b) {
+            ok &= scale_row(xb, job->tb + r * L, job->cb, (float)job->inv_b, L);
+        }
+        if (!ok) {
+            job->bad[tid] = 1;
+            return;
+        }
+        const float ms = cribo_lane_max(xs, L);
+        const float ma = cribo_lane_max(xa, L);
+        const float mb = use_b ? cribo_lane_max(xb, L) : 0.0f;
+        /* Pass 2: exponentials, normalisers, sum_l e_t[l] * x_s[l]. */
+        double dot_a = 0.0;
+        double dot_b = 0.0;
+        double unused = 0.0;
+        const double za = exp_row(xa, ma, xs, &dot_a, L);
+        const double zb = use_b ? exp_row(xb, mb, xs, &dot_b, L) : 1.0;
+        const double zs = exp_row(xs, ms, xs, &unused, L); /* last: xs is overwritten */
+        const double lse = (double)ms + log(zs);
+        job->loss_a[r] = (float)(lse - dot_a / za);
+        if (job->loss_b != NULL) {
+            job->loss_b[r] = use_b ? (float)(lse - dot_b / zb) : 0.0f;
+        }
+        /* Pass 3: grad = ((wa + wb) p_s - wa p_a - wb p_b) / tau_s. */
+        if (job->grad != NULL) {
+            const float cs = (float)((wa + (use_b ? wb : 0.0)) * job->inv_s / zs);
+            const float ca = (float)(wa * job->inv_s / za);
+            const float cb = use_b ? (float)(wb * job->inv_s / zb) : 0.0f;
+            write_grad(job->grad + r * L, xs, xa, use_b ? xb : NULL, cs, ca, cb, L);
+        }
+    }
+}
+
+int cribo_xent_forward_backward(float *loss_a, float *loss_b, float *grad,
+                                const float *s, const float *ta, const float *tb,
+                                const float *ca, const float *cb,
+                                const float *wa, const float *wb,
+                                int64_t R, int64_t L,
+                                double student_temp, double temp_a, double temp_b,
+                                void *work, int n_threads)
+{
+    int T = n_threads < 1 ? 1 : (n_threads > 256 ? 256 : n_threads);
+    xent_job job;
+    memset(&job, 0, sizeof job);
+    job.loss_a = loss_a;
+    job.loss_b = loss_b;
+    job.grad = grad;
+    job.s = s;
+    job.ta = ta;
+    job.tb = tb;
+    job.ca = ca;
+    job.cb = cb;
+    job.wa = wa;
+    job.wb = wb;
+    job.L = L;
+    job.inv_s = 1.0 / student_temp;
+    job.inv_a = 1.0 / temp_a;
+    job.inv_b = 1.0 / temp_b;
+    job.work = (char *)work;
+    job.ws = cribo_xent_workspace_size(L);
+    cribo_parallel_for(R, T, xent_task, &job);
+    for (int t = 0; t < T; t++) {
+        if (job.bad[t]) {
+            return CRIBO_ENONFINITE;
+        }
+    }
+    return CRIBO_OK;
+}
+
+/* ------------------------------------------------------------------ centre */
+
+#define CENTER_COLS 1024
+
+typedef struct {
+    float *out;
+    const float *center;
+    const float *x;
+    int64_t R, L;
+    double momentum;
+} center_job;
+
+CRIBO_SIMD
+static void center_task(void *ctx, int64_t begin, int64_t end, int tid)
+{
+    (void)tid;
+    center_job *job = (center_job *)ctx;
+    double acc[CENTER_COLS];
+    /* begin/end count chunks of CENTER_COLS columns. */
+    for (int64_t chunk = begin; chunk < end; chunk++) {
+        const int64_t c0 = chunk * CENTER_COLS;
+        const int64_t nc = job->L - c0 < CENTER_COLS ? job->L - c0 : CENTER_COLS;
+        for (int64_t c = 0; c < nc; c++) {
+            acc[c] = 0.0;
+        }
+        for (int64_t r = 0; r < job->R; r++) {
+            const float *row = job->x + r * job->L + c0;
+            for (int64_t c = 0; c < nc; c++) {
+                acc[c] += (double)row[c];
+            }
+        }
+        const double m = job->momentum;
+        const double w = (1.0 - m) / (double)job->R;
+        for (int64_t c = 0; c < nc; c++) {
+            const double prev = job->center != NULL ? (double)job->center[c0 + c] : 0.0;
+            job->out[c0 + c] = (float)(m * prev + w * acc[c]);
+        }
+    }
+}
+
+void cribo_center_update(float *out, const float *center, const float *x,
+                         int64_t R, int64_t L, double momentum, int n_threads)
+{
+    center_job job = {out, center, x, R, L, momentum};
+    cribo_parallel_for((L + CENTER_COLS - 1) / CENTER_COLS, n_threads, center_task, &job);
+}
