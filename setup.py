@@ -33,7 +33,13 @@ else:
         # Installed side by side in site-packages; cribo/_blas.py also preloads it.
         extra_link_args.append("-Wl,-rpath,$ORIGIN/../scipy_openblas32/lib")
 
-extra_compile_args = ["-O3", "-std=c11", "-Wall", "-Wextra", "-fno-fast-math",
+# Never -ffast-math/-Ofast: the kernels rely on IEEE infinities and NaN checks.
+# -fno-trapping-math and -fno-math-errno only declare that nobody reads the FP
+# exception flags or errno, which lets GCC if-convert the branch-free selects in
+# vmath.h and use vector sqrt; they change no result.  -std=c11 (not gnu11) keeps -ffp-contract=off: no FMA
+# contraction, so every target clone rounds identically.
+extra_compile_args = ["-O3", "-std=c11", "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-psabi",
+                      "-fno-math-errno",
                       "-D_POSIX_C_SOURCE=200809L"]
 if os.environ.get("CRIBO_WERROR"):
     extra_compile_args.append("-Werror")

@@ -24,7 +24,8 @@ def as_float32(x: Any, fn: str, name: str) -> np.ndarray:
             f"{fn}: {name} must be a real floating-point array, got dtype {a.dtype} "
             f"(convert explicitly with .astype(numpy.float32) if integers are meant)"
         )
-    return np.ascontiguousarray(a, dtype=np.float32)
+    out = np.ascontiguousarray(a, dtype=np.float32)
+    return out if out.flags.aligned else out.copy()  # the C binding needs alignment
 
 
 def as_int64(x: Any, fn: str, name: str) -> np.ndarray:
@@ -34,7 +35,8 @@ def as_int64(x: Any, fn: str, name: str) -> np.ndarray:
         raise TypeError(f"{fn}: {name} must be an integer array, got dtype {a.dtype}")
     if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{fn}: {name} holds values beyond the int64 range")
-    return np.ascontiguousarray(a, dtype=np.int64)
+    out = np.ascontiguousarray(a, dtype=np.int64)
+    return out if out.flags.aligned else out.copy()  # the C binding needs alignment
 
 
 def as_bool(x: Any, fn: str, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -23,7 +23,7 @@ def topk_cosine(queries: Any, bank: Any, k: int = 1, *, query_ids: Any = None,
                 bank_ids: Any = None) -> Tuple[np.ndarray, np.ndarray]:
     """The k most cosine-similar bank rows of each query.
 
-    The bank is searched in blocks (sgemm on 512 x 1024 tiles), so the extra
+    The bank is searched in blocks (sgemm on 1024 x 1024 tiles), so the extra
     memory is a few MB per thread whatever the bank size.  A zero vector has
     similarity 0 with everything.
 

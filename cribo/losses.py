@@ -9,7 +9,7 @@ object-level and cross-image object-level.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -103,6 +103,21 @@ class CriboLosses:
     n_pairs2: int
 
 
+def _xent(fn: str, names: Dict[str, str], *args: Any):
+    """_C.softmax_cross_entropy, with a non-finite-input error renamed to ``fn``'s
+    argument names (``names`` maps the kernel's argument names to ours)."""
+    try:
+        return _C.softmax_cross_entropy(*args)
+    except ValueError as e:
+        msg = str(e)
+        if "must be finite" in msg:
+            for c_name in sorted(names, key=len, reverse=True):
+                if msg.startswith(f"softmax_cross_entropy: {c_name}"):
+                    raise ValueError(f"{fn}: {names[c_name]} must be finite, got NaN or "
+                                     f"infinity") from None
+        raise
+
+
 def _views(x: Any, fn: str, name: str, rows: Optional[int] = None,
            width: Optional[int] = None) -> np.ndarray:
     a = as_float32(x, fn, name)
@@ -180,8 +195,9 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
     wrow = np.full(B, w_g / B, np.float32)
     l_g = 0.0
     for v in (0, 1):
-        la, _, g = _C.softmax_cross_entropy(sg[1 - v], tg[v], None, cg, None, wrow, None,
-                                            ts, tg_temp, tg_temp, True)
+        la, _, g = _xent(fn, {"student_logits": "student_global",
+                              "teacher_logits": "teacher_global", "center": "center_global"},
+                         sg[1 - v], tg[v], None, cg, None, wrow, None, ts, tg_temp, tg_temp, True)
         grad_global[1 - v] = g
         l_g += float(la.astype(np.float64).mean())
 
@@ -196,7 +212,10 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
         for v, mask, z in ((0, m1, Z[0]), (1, m2, Z[1])):
             use_nn = tn is not None and z > 0
             wb = (mask * (w_nn / z)).astype(np.float32) if use_nn else None
-            la, lb, g = _C.softmax_cross_entropy(
+            la, lb, g = _xent(
+                fn, {"student_logits": "student_objects", "teacher_logits": "teacher_objects",
+                     "teacher_logits_b": "teacher_neighbours", "center": "center_objects",
+                     "center_b": "center_objects"},
                 so[1 - v], to[v], tn[v] if use_nn else None, co, co if use_nn else None,
                 w_obj, wb, ts, to_temp, to_temp, True)
             grad_objects[1 - v] = g
@@ -205,8 +224,11 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
                 # Weight 0 skips the neighbour part of a row; compute the masked rows'
                 # losses even when w_nn = 0 so the term is still reported.
                 if w_nn == 0.0:
-                    lb = _C.softmax_cross_entropy(so[1 - v][mask], tn[v][mask], None, co, None,
-                                                  None, None, ts, to_temp, to_temp, False)[0]
+                    lb = _xent(fn, {"student_logits": "student_objects",
+                                    "teacher_logits": "teacher_neighbours",
+                                    "center": "center_objects"},
+                               so[1 - v][mask], tn[v][mask], None, co, None, None, None, ts,
+                               to_temp, to_temp, False)[0]
                     l_nn += float(lb.astype(np.float64).mean())
                 else:
                     l_nn += float(lb[mask].astype(np.float64).sum() / z)

@@ -674,7 +674,9 @@ static PyObject *py_xent(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     }
     if ((wa != NULL && check_finite(wa, fn, "weight") < 0) ||
-        (wb != NULL && check_finite(wb, fn, "weight_b") < 0)) {
+        (wb != NULL && check_finite(wb, fn, "weight_b") < 0) ||
+        (ca != NULL && check_finite(ca, fn, "center") < 0) ||
+        (cb != NULL && check_finite(cb, fn, "center_b") < 0)) {
         return NULL;
     }
     npy_intp rd[1] = {R};
@@ -717,7 +719,9 @@ static PyObject *py_xent(PyObject *self, PyObject *args, PyObject *kw)
         free(work);
         work = NULL;
         if (status != CRIBO_OK) {
-            nonfinite_error(fn, "logits and centres");
+            nonfinite_error(fn, status == CRIBO_ENONFINITE_S    ? "student_logits"
+                                : status == CRIBO_ENONFINITE_TA ? "teacher_logits (after centring and scaling)"
+                                                                : "teacher_logits_b (after centring and scaling)");
             goto fail;
         }
     }

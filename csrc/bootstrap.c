@@ -88,16 +88,23 @@ static void insert(float *ls, int64_t *li, int64_t k, float s, int64_t q)
     li[pos] = q;
 }
 
+/* max_j (raw[j] * qi) * binv[j]: the largest cosine similarity in one row of a block
+ * (the same expression the scan below evaluates, so the two agree exactly). */
 CRIBO_SIMD
-static void scale_block(float *sims, const float *qinv, const float *binv, int64_t mq, int64_t nb)
+static float scaled_row_max(const float *raw, float qi, const float *binv, int64_t nb)
 {
-    for (int64_t i = 0; i < mq; i++) {
-        float *row = sims + i * CRIBO_TOPK_BROWS;
-        const float qi = qinv[i];
-        for (int64_t j = 0; j < nb; j++) {
-            row[j] = (row[j] * qi) * binv[j];
-        }
+    const cribo_vf q = vf_set1(qi);
+    cribo_vf m = vf_set1(-INFINITY);
+    int64_t j = 0;
+    for (; j + CRIBO_VL <= nb; j += CRIBO_VL) {
+        m = vf_max(m, (vf_load(raw + j) * q) * vf_load(binv + j));
     }
+    float r = vf_hmax(m);
+    for (; j < nb; j++) {
+        const float v = (raw[j] * qi) * binv[j];
+        r = v > r ? v : r;
+    }
+    return r;
 }
 
 static void search_task(void *ctx, int64_t begin, int64_t end, int tid)
@@ -131,18 +138,18 @@ static void search_task(void *ctx, int64_t begin, int64_t end, int tid)
             cribo_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)mq, (int)nb, (int)D,
                         1.0f, job->queries + m0 * D, (int)D, bank, (int)D,
                         0.0f, sims, CRIBO_TOPK_BROWS);
-            scale_block(sims, job->qinv + m0, binv, mq, nb);
             for (int64_t i = 0; i < mq; i++) {
                 const int64_t m = m0 + i;
                 const float *row = sims + i * CRIBO_TOPK_BROWS;
+                const float qi = job->qinv[m];
                 float *ls = lsim + m * k;
                 int64_t *li = lidx + m * k;
-                if (cribo_lane_max(row, nb) <= ls[k - 1] && li[k - 1] >= 0) {
+                if (li[k - 1] >= 0 && scaled_row_max(row, qi, binv, nb) <= ls[k - 1]) {
                     continue; /* nothing in this block beats the current k-th */
                 }
                 const int64_t qid = job->qids != NULL ? job->qids[m] : 0;
                 for (int64_t j = 0; j < nb; j++) {
-                    const float s = row[j];
+                    const float s = (row[j] * qi) * binv[j];
                     if (s > ls[k - 1] || li[k - 1] < 0) {
                         if (job->bids != NULL && job->bids[q0 + j] == qid) {
                             continue;

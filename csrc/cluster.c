@@ -3,18 +3,22 @@
  * Per image (images run in parallel, each on one thread with single-threaded BLAS):
  *   Zn = rows of [z1; z2] L2-normalised                 (J, D)
  *   repeat n_iters times:
- *     Sim = Zn mu^T                                     (J, K)   one sgemm
- *     D   = positional cost of the current members      (J, K)   O(J^2), no (J, J, K) tensor
- *     S   = -lambda * minmax(-Sim + alpha * D)          (J, K)
+ *     Sim^T = mu Zn^T                                   (K, J)   one sgemm
+ *     D^T   = positional cost of the current members    (K, J)   O(J^2), no (J, J, K) tensor
+ *     S^T   = -lambda * minmax(-Sim + alpha * D)         (K, J)
  *     Sinkhorn on S, leaving potentials f (J), g (K) with log T = S + f + g
  *     labels = argmax_k log T (ties to the lowest k); marginals; centroids
+ * Everything per (token, cluster) is stored cluster-major, (K, J): reductions over
+ * tokens are contiguous rows, and per-token operations across clusters (the row
+ * scaling, the argmax) are elementwise over rows, so every hot loop vectorises.
+ *
  * Sinkhorn is the plain iteration (T = exp(S) / sum, rows to r, columns to c) in
  * one of two exact forms: for lambda <= 80 the exp domain (kernel exp(S - rowmax),
  * which cannot underflow in float there, and scaling vectors in double: two
  * matrix-vector products per round, no exponentials); above, the log domain
- * (every scaling kept as a logarithm, log-sum-exp in double), which stays finite
- * however large lambda is.  Both give the plain formula's T wherever exp(S) does
- * not underflow. */
+ * (every scaling kept as a logarithm, log-sum-exp with double sums), which stays
+ * finite however large lambda is.  Both give the plain formula's T wherever
+ * exp(S) does not underflow. */
 #include <math.h>
 #include <string.h>
 
@@ -22,26 +26,26 @@
 #include "cribo.h"
 #include "vmath.h"
 
+/* Largest lambda (cost range 1) for which the exp-domain kernel exp(S - rowmax),
+ * with entries >= exp(-lambda), cannot underflow in float. */
+#define EXP_DOMAIN_MAX_LAMBDA 80.0
+
 /* ---------------------------------------------------------------- workspace */
 
 typedef struct {
     float *zn;       /* (J, D) normalised tokens */
     float *mu;       /* (K, D) centroids */
-    float *s;        /* (J, K) Sim, then S = -lambda * M */
-    float *dist;     /* (J, K) positional cost; the kernel exp(s - rowmax) in the
-                        exp-domain Sinkhorn */
+    float *s;        /* (K, J) Sim^T, then S^T = -lambda * M^T */
+    float *dist;     /* (K, J) positional cost; then the exp-domain kernel */
     double *acc;     /* (K, D) centroid sums */
-    double *f;       /* (J) row potentials */
+    double *f;       /* (J) row potentials (log T = S + f + g) */
     double *g;       /* (K) column potentials */
-    double *logc;    /* (K) log column marginals */
-    double *colsum;  /* (K) */
-    double *u;       /* (J) exp-domain row scalings */
+    double *u;       /* (J) exp-domain row scalings / row sums */
     double *v;       /* (K) exp-domain column scalings */
     double *c;       /* (K) column marginals */
-    float *ff;       /* (J) f as float */
-    float *gf;       /* (K) g as float */
-    float *colmax;   /* (K) */
-    float *tmp;      /* (max(J, K)) */
+    double *best;    /* (J) argmax: best value so far */
+    float *fj;       /* (J) row maxima / f as float */
+    float *tmp;      /* (J) */
     float *px;       /* (J) x positions */
     float *py;       /* (J) y positions */
     float *colbest;  /* (J) smallest squared distance to one cluster */
@@ -57,7 +61,6 @@ static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 static size_t carve(cluster_ws *w, char *base, int64_t N, int64_t D, int64_t K)
 {
     const int64_t J = 2 * N;
-    const int64_t T = J > K ? J : K;
     size_t off = 0;
 #define TAKE(field, type, count)                                  \
     do {                                                          \
@@ -68,20 +71,17 @@ static size_t carve(cluster_ws *w, char *base, int64_t N, int64_t D, int64_t K)
     } while (0)
     TAKE(zn, float, J * D);
     TAKE(mu, float, K * D);
-    TAKE(s, float, J * K);
-    TAKE(dist, float, J * K);
+    TAKE(s, float, K * J);
+    TAKE(dist, float, K * J);
     TAKE(acc, double, K * D);
     TAKE(f, double, J);
     TAKE(g, double, K);
-    TAKE(logc, double, K);
-    TAKE(colsum, double, K);
     TAKE(u, double, J);
     TAKE(v, double, K);
     TAKE(c, double, K);
-    TAKE(ff, float, J);
-    TAKE(gf, float, K);
-    TAKE(colmax, float, K);
-    TAKE(tmp, float, T);
+    TAKE(best, double, J);
+    TAKE(fj, float, J);
+    TAKE(tmp, float, J);
     TAKE(px, float, J);
     TAKE(py, float, J);
     TAKE(colbest, float, J);
@@ -101,24 +101,62 @@ size_t cribo_cluster_workspace_size(int64_t N, int64_t D, int64_t K)
 
 /* ---------------------------------------------------------------- helpers */
 
-/* log sum_i exp(x[i] + shift[i]) for one row; tmp (n) is scratch. */
-static double row_lse(const float *x, const float *shift, int64_t n, float *tmp)
+/* y[j] (double) += a * x[j] (float), elementwise. */
+CRIBO_INLINE void axpy_d(double *y, double a, const float *x, int64_t n)
 {
-    for (int64_t i = 0; i < n; i++) {
-        tmp[i] = x[i] + shift[i];
+    const cribo_vd av = (cribo_vd){0} + a;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        cribo_vfh xf;
+        cribo_vd yd;
+        memcpy(&xf, x + j, sizeof xf);
+        memcpy(&yd, y + j, sizeof yd);
+        yd += av * __builtin_convertvector(xf, cribo_vd);
+        memcpy(y + j, &yd, sizeof yd);
     }
-    const float m = cribo_lane_max(tmp, n);
-    for (int64_t i = 0; i < n; i++) {
-        tmp[i] = cribo_expf(tmp[i] - m);
+    for (; j < n; j++) {
+        y[j] += a * (double)x[j];
     }
-    return (double)m + log(cribo_lane_sum(tmp, n));
+}
+
+/* sum_j x[j] (float) * y[j] (double), in double lanes. */
+CRIBO_INLINE double dot_fd(const float *x, const double *y, int64_t n)
+{
+    cribo_vd acc = {0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        cribo_vfh xf;
+        cribo_vd yd;
+        memcpy(&xf, x + j, sizeof xf);
+        memcpy(&yd, y + j, sizeof yd);
+        acc += __builtin_convertvector(xf, cribo_vd) * yd;
+    }
+    double r = acc[0] + acc[1] + acc[2] + acc[3];
+    for (; j < n; j++) {
+        r += (double)x[j] * y[j];
+    }
+    return r;
 }
 
 /* ---------------------------------------------------------------- steps */
 
-/* dist (J, K): SPEC's positional cost for the current members lab (J).
- * For cluster k, colbest[n] = min over members m of |P[n] - P[m]|^2 with members at
- * distance exactly 0 ignored; the loop over n is elementwise, so it vectorises. */
+/* zn (J, D) = rows of z L2-normalised (a zero row stays zero). */
+CRIBO_SIMD
+static void normalize_tokens(float *zn, const float *z, int64_t J, int64_t D)
+{
+    for (int64_t j = 0; j < J; j++) {
+        const float *zj = z + j * D;
+        const double ss = cribo_row_sumsq(zj, D);
+        const float inv = ss > 0.0 ? (float)(1.0 / sqrt(ss)) : 0.0f;
+        for (int64_t e = 0; e < D; e++) {
+            zn[j * D + e] = zj[e] * inv;
+        }
+    }
+}
+
+/* dist (K, J): SPEC's positional cost for the current members lab (J).
+ * For cluster k, colbest[n] = min over members m of |P[n] - P[m]|^2, members at
+ * distance exactly 0 ignored; the loop over n is elementwise. */
 CRIBO_SIMD
 static void positional_cost(cluster_ws *w, int64_t J, int64_t K)
 {
@@ -141,6 +179,8 @@ static void positional_cost(cluster_ws *w, int64_t J, int64_t K)
     const float *px = w->px;
     const float *py = w->py;
     float *best = w->colbest;
+    const cribo_vf zero = vf_set1(0.0f);
+    const cribo_vf inf = vf_set1(INFINITY);
     for (int64_t k = 0; k < K; k++) {
         for (int64_t n = 0; n < J; n++) {
             best[n] = INFINITY;
@@ -148,7 +188,17 @@ static void positional_cost(cluster_ws *w, int64_t J, int64_t K)
         for (int64_t m = w->start[k]; m < w->start[k + 1]; m++) {
             const float xm = px[w->order[m]];
             const float ym = py[w->order[m]];
-            for (int64_t n = 0; n < J; n++) {
+            const cribo_vf vxm = vf_set1(xm);
+            const cribo_vf vym = vf_set1(ym);
+            int64_t n = 0;
+            for (; n + CRIBO_VL <= J; n += CRIBO_VL) {
+                const cribo_vf dx = vf_load(px + n) - vxm;
+                const cribo_vf dy = vf_load(py + n) - vym;
+                cribo_vf d2 = dx * dx + dy * dy;
+                d2 = vf_select(d2 > zero, d2, inf);
+                vf_store(best + n, vf_min(vf_load(best + n), d2));
+            }
+            for (; n < J; n++) {
                 const float dx = px[n] - xm;
                 const float dy = py[n] - ym;
                 float d2 = dx * dx + dy * dy;
@@ -156,29 +206,25 @@ static void positional_cost(cluster_ws *w, int64_t J, int64_t K)
                 best[n] = d2 < best[n] ? d2 : best[n];
             }
         }
+        float *row = w->dist + k * J;
         for (int64_t n = 0; n < J; n++) {
-            w->dist[n * K + k] = best[n] < INFINITY ? sqrtf(best[n]) : 0.0f;
+            row[n] = best[n] < INFINITY ? sqrtf(best[n]) : 0.0f;
         }
     }
     /* Zeros (no member at non-zero distance) become the mean of the whole matrix,
      * taken before the replacement; then everything is divided by the maximum. */
     const int64_t JK = J * K;
-    const double mean = cribo_lane_sum(w->dist, JK) / (double)JK;
-    float mx = cribo_lane_max(w->dist, JK);
-    const float meanf = (float)mean;
-    for (int64_t i = 0; i < JK; i++) {
-        w->dist[i] = w->dist[i] == 0.0f ? meanf : w->dist[i];
-    }
+    const float meanf = (float)(cribo_row_sum(w->dist, JK) / (double)JK);
+    float mx = cribo_row_max(w->dist, JK);
     mx = meanf > mx ? meanf : mx;
-    if (mx > 0.0f) {
-        const float inv = 1.0f / mx;
-        for (int64_t i = 0; i < JK; i++) {
-            w->dist[i] *= inv;
-        }
+    const float inv = mx > 0.0f ? 1.0f / mx : 1.0f;
+    for (int64_t i = 0; i < JK; i++) {
+        const float d = w->dist[i] == 0.0f ? meanf : w->dist[i];
+        w->dist[i] = mx > 0.0f ? d * inv : d;
     }
 }
 
-/* s (J, K) <- -lambda * minmax(-s + alpha * dist); a constant cost becomes 0. */
+/* s (K, J) <- -lambda * minmax(-s + alpha * dist); a constant cost becomes 0. */
 CRIBO_SIMD
 static void cost_to_logits(cluster_ws *w, int64_t JK, double alpha, double lambda, int use_dist)
 {
@@ -193,8 +239,8 @@ static void cost_to_logits(cluster_ws *w, int64_t JK, double alpha, double lambd
             s[i] = -s[i];
         }
     }
-    const float hi = cribo_lane_max(s, JK);
-    const float lo = cribo_lane_min(s, JK);
+    const float hi = cribo_row_max(s, JK);
+    const float lo = cribo_row_min(s, JK);
     const double range = (double)hi - (double)lo;
     if (range > 0.0) {
         const float scale = (float)(-lambda / range);
@@ -202,154 +248,196 @@ static void cost_to_logits(cluster_ws *w, int64_t JK, double alpha, double lambd
             s[i] = (s[i] - lo) * scale;
         }
     } else {
-        for (int64_t i = 0; i < JK; i++) {
-            s[i] = 0.0f;
-        }
+        memset(s, 0, (size_t)JK * sizeof(float));
     }
 }
 
-/* Log-domain Sinkhorn on logits s (J, K): rows to r = 1/J, columns to c = exp(logc).
- * Leaves f (J) and g (K) with log T = s + f + g. */
-CRIBO_SIMD
-static void sinkhorn(cluster_ws *w, int64_t J, int64_t K, int64_t iters)
+/* fj (J) = max over k of s (K, J): per-token maxima, elementwise over rows. */
+CRIBO_INLINE void token_max(float *fj, const float *s, int64_t J, int64_t K)
 {
-    const float *s = w->s;
-    const double log_r = -log((double)J);
-    for (int64_t k = 0; k < K; k++) {
-        w->g[k] = 0.0;
-        w->gf[k] = 0.0f;
-    }
-    if (iters == 0) {
-        /* T = exp(s) / sum(exp(s)): one global potential. */
-        float m = cribo_lane_max(s, J * K);
-        double tot = 0.0;
-        for (int64_t j = 0; j < J; j++) {
-            const float *row = s + j * K;
-            for (int64_t k = 0; k < K; k++) {
-                w->tmp[k] = cribo_expf(row[k] - m);
-            }
-            tot += cribo_lane_sum(w->tmp, K);
+    memcpy(fj, s, (size_t)J * sizeof(float));
+    for (int64_t k = 1; k < K; k++) {
+        const float *row = s + k * J;
+        int64_t j = 0;
+        for (; j + CRIBO_VL <= J; j += CRIBO_VL) {
+            vf_store(fj + j, vf_max(vf_load(fj + j), vf_load(row + j)));
         }
-        const double lse = (double)m + log(tot);
-        for (int64_t j = 0; j < J; j++) {
-            w->f[j] = -lse;
-        }
-        return;
-    }
-    for (int64_t it = 0; it < iters; it++) {
-        /* Rows: f_j = log r - lse_k(s_jk + g_k). */
-        for (int64_t j = 0; j < J; j++) {
-            w->f[j] = log_r - row_lse(s + j * K, w->gf, K, w->tmp);
-            w->ff[j] = (float)w->f[j];
-        }
-        /* Columns: g_k = log c_k - lse_j(s_jk + f_j), swept row by row so the
-         * inner loop over k is elementwise. */
-        for (int64_t k = 0; k < K; k++) {
-            w->colmax[k] = -INFINITY;
-            w->colsum[k] = 0.0;
-        }
-        for (int64_t j = 0; j < J; j++) {
-            const float *row = s + j * K;
-            const float fj = w->ff[j];
-            for (int64_t k = 0; k < K; k++) {
-                const float v = row[k] + fj;
-                w->colmax[k] = v > w->colmax[k] ? v : w->colmax[k];
-            }
-        }
-        for (int64_t j = 0; j < J; j++) {
-            const float *row = s + j * K;
-            const float fj = w->ff[j];
-            for (int64_t k = 0; k < K; k++) {
-                w->tmp[k] = cribo_expf(row[k] + fj - w->colmax[k]);
-            }
-            for (int64_t k = 0; k < K; k++) {
-                w->colsum[k] += (double)w->tmp[k];
-            }
-        }
-        for (int64_t k = 0; k < K; k++) {
-            w->g[k] = w->logc[k] - ((double)w->colmax[k] + log(w->colsum[k]));
-            w->gf[k] = (float)w->g[k];
+        for (; j < J; j++) {
+            fj[j] = row[j] > fj[j] ? row[j] : fj[j];
         }
     }
 }
-
-/* Largest lambda (cost range 1) for which the exp-domain kernel exp(s - rowmax),
- * with entries >= exp(-lambda), cannot underflow in float. */
-#define EXP_DOMAIN_MAX_LAMBDA 80.0
 
 /* The plain Sinkhorn in the exp domain, for lambda <= EXP_DOMAIN_MAX_LAMBDA:
- * kernel E = exp(s - rowmax) (a per-row factor, cancelled exactly by the first row
- * scaling), then T = diag(u) E diag(v) with
+ * kernel E = exp(s - tokenmax) (a per-token factor, cancelled exactly by the first
+ * row scaling), then T = diag(u) E diag(v) with
  *   u_j = r / (E v)_j,  v_k = c_k / (E^T u)_k
- * in double.  Leaves E in dist, u, v; and f, g (log T = s + f + g) for the plan. */
+ * in double.  Leaves f, g with log T = s + f + g. */
 CRIBO_SIMD
 static void sinkhorn_exp(cluster_ws *w, int64_t J, int64_t K, int64_t iters)
 {
     float *E = w->dist;
     const double r = 1.0 / (double)J;
-    for (int64_t j = 0; j < J; j++) {
-        const float *row = w->s + j * K;
-        const float m = cribo_lane_max(row, K);
-        float *e = E + j * K;
-        for (int64_t k = 0; k < K; k++) {
-            e[k] = cribo_expf(row[k] - m);
-        }
-        w->ff[j] = m; /* rowmax, for f below */
-    }
+    token_max(w->fj, w->s, J, K);
     for (int64_t k = 0; k < K; k++) {
+        const float *row = w->s + k * J;
+        float *e = E + k * J;
+        int64_t j = 0;
+        for (; j + CRIBO_VL <= J; j += CRIBO_VL) {
+            vf_store(e + j, vf_exp(vf_load(row + j) - vf_load(w->fj + j)));
+        }
+        for (; j < J; j++) {
+            e[j] = cribo_expf(row[j] - w->fj[j]);
+        }
         w->v[k] = 1.0;
     }
     if (iters == 0) {
-        /* T = exp(s) / sum(exp(s)): rows keep their exp(rowmax) factor. */
-        const float m = cribo_lane_max(w->ff, J);
+        /* T = exp(s) / sum(exp(s)): tokens keep their exp(tokenmax) factor. */
+        const float m = cribo_row_max(w->fj, J);
+        for (int64_t j = 0; j < J; j++) {
+            w->u[j] = 0.0;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            axpy_d(w->u, 1.0, E + k * J, J);
+        }
         double tot = 0.0;
         for (int64_t j = 0; j < J; j++) {
-            w->u[j] = exp((double)w->ff[j] - (double)m);
-            tot += w->u[j] * cribo_lane_sum(E + j * K, K);
+            const double scale = exp((double)w->fj[j] - (double)m);
+            tot += scale * w->u[j];
+            w->u[j] = scale;
         }
         for (int64_t j = 0; j < J; j++) {
             w->u[j] /= tot;
         }
     }
     for (int64_t it = 0; it < iters; it++) {
+        /* u_j = r / sum_k E_kj v_k */
         for (int64_t j = 0; j < J; j++) {
-            const float *e = E + j * K;
-            double acc[CRIBO_LANES] = {0};
-            int64_t k = 0;
-            for (; k + CRIBO_LANES <= K; k += CRIBO_LANES) {
-                for (int l = 0; l < CRIBO_LANES; l++) {
-                    acc[l] += (double)e[k + l] * w->v[k + l];
-                }
-            }
-            double sum = 0.0;
-            for (; k < K; k++) {
-                sum += (double)e[k] * w->v[k];
-            }
-            for (int l = 0; l < CRIBO_LANES; l++) {
-                sum += acc[l];
-            }
-            w->u[j] = r / sum;
+            w->u[j] = 0.0;
         }
         for (int64_t k = 0; k < K; k++) {
-            w->colsum[k] = 0.0;
+            axpy_d(w->u, w->v[k], E + k * J, J);
         }
         for (int64_t j = 0; j < J; j++) {
-            const float *e = E + j * K;
-            const double uj = w->u[j];
-            for (int64_t k = 0; k < K; k++) {
-                w->colsum[k] += (double)e[k] * uj;
-            }
+            w->u[j] = r / w->u[j];
         }
+        /* v_k = c_k / sum_j E_kj u_j */
         for (int64_t k = 0; k < K; k++) {
-            w->v[k] = w->c[k] / w->colsum[k];
+            w->v[k] = w->c[k] / dot_fd(E + k * J, w->u, J);
         }
     }
-    /* log T = s - rowmax + log u + log v. */
     for (int64_t j = 0; j < J; j++) {
-        w->f[j] = log(w->u[j]) - (double)w->ff[j];
+        w->f[j] = log(w->u[j]) - (double)w->fj[j];
     }
     for (int64_t k = 0; k < K; k++) {
         w->g[k] = log(w->v[k]);
+    }
+}
+
+/* Log-domain Sinkhorn on s (K, J): rows to r = 1/J, columns to c.  Every sum of
+ * exponentials is shifted by its maximum and accumulated in double.
+ * Leaves f (J), g (K) with log T = s + f + g. */
+CRIBO_SIMD
+static void sinkhorn_log(cluster_ws *w, int64_t J, int64_t K, int64_t iters)
+{
+    const float *s = w->s;
+    const double log_r = -log((double)J);
+    for (int64_t k = 0; k < K; k++) {
+        w->g[k] = 0.0;
+    }
+    if (iters == 0) {
+        const float m = cribo_row_max(s, J * K);
+        double tot = 0.0;
+        for (int64_t k = 0; k < K; k++) {
+            memcpy(w->tmp, s + k * J, (size_t)J * sizeof(float));
+            tot += cribo_row_exp_sum(w->tmp, m, J);
+        }
+        for (int64_t j = 0; j < J; j++) {
+            w->f[j] = -((double)m + log(tot));
+        }
+        return;
+    }
+    for (int64_t it = 0; it < iters; it++) {
+        /* Rows: f_j = log r - lse_k(s_kj + g_k), swept over the K rows. */
+        for (int64_t j = 0; j < J; j++) {
+            w->fj[j] = -INFINITY;
+            w->u[j] = 0.0;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const float *row = s + k * J;
+            const float gk = (float)w->g[k];
+            for (int64_t j = 0; j < J; j++) {
+                const float x = row[j] + gk;
+                w->fj[j] = x > w->fj[j] ? x : w->fj[j];
+            }
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const float *row = s + k * J;
+            const float gk = (float)w->g[k];
+            for (int64_t j = 0; j < J; j++) {
+                w->tmp[j] = cribo_expf(row[j] + gk - w->fj[j]);
+            }
+            axpy_d(w->u, 1.0, w->tmp, J);
+        }
+        for (int64_t j = 0; j < J; j++) {
+            w->f[j] = log_r - ((double)w->fj[j] + log(w->u[j]));
+            w->fj[j] = (float)w->f[j];
+        }
+        /* Columns: g_k = log c_k - lse_j(s_kj + f_j), one contiguous row each. */
+        for (int64_t k = 0; k < K; k++) {
+            const float *row = s + k * J;
+            for (int64_t j = 0; j < J; j++) {
+                w->tmp[j] = row[j] + w->fj[j];
+            }
+            const float m = cribo_row_max(w->tmp, J);
+            w->g[k] = log(w->c[k]) - ((double)m + log(cribo_row_exp_sum(w->tmp, m, J)));
+        }
+    }
+}
+
+/* lab (J) = argmax_k (s_kj + g_k) in double, ties to the lowest k (f_j is constant
+ * along a token); cnt (K) the members.  Elementwise over the K rows. */
+CRIBO_SIMD
+static void assign(cluster_ws *w, int64_t J, int64_t K)
+{
+    for (int64_t j = 0; j < J; j++) {
+        w->best[j] = (double)w->s[j] + w->g[0];
+        w->lab[j] = 0;
+    }
+    for (int64_t k = 1; k < K; k++) {
+        const float *row = w->s + k * J;
+        const double gk = w->g[k];
+        for (int64_t j = 0; j < J; j++) {
+            const double x = (double)row[j] + gk;
+            const int better = x > w->best[j];
+            w->best[j] = better ? x : w->best[j];
+            w->lab[j] = better ? k : w->lab[j];
+        }
+    }
+    memset(w->cnt, 0, (size_t)K * sizeof(int64_t));
+    for (int64_t j = 0; j < J; j++) {
+        w->cnt[w->lab[j]]++;
+    }
+}
+
+/* mu (K, D) = L2-normalised sum of the member rows of zn (an empty cluster gets 0). */
+CRIBO_SIMD
+static void update_centroids(cluster_ws *w, int64_t J, int64_t D, int64_t K)
+{
+    memset(w->acc, 0, (size_t)(K * D) * sizeof(double));
+    for (int64_t j = 0; j < J; j++) {
+        axpy_d(w->acc + w->lab[j] * D, 1.0, w->zn + j * D, D);
+    }
+    for (int64_t k = 0; k < K; k++) {
+        const double *a = w->acc + k * D;
+        double ss = 0.0;
+        for (int64_t e = 0; e < D; e++) {
+            ss += a[e] * a[e];
+        }
+        const double inv = ss > 0.0 ? 1.0 / sqrt(ss) : 0.0;
+        for (int64_t e = 0; e < D; e++) {
+            w->mu[k * D + e] = (float)(a[e] * inv);
+        }
     }
 }
 
@@ -361,20 +449,10 @@ static void cluster_image(int64_t *labels, int64_t *counts, float *plan,
                           const cribo_cluster_params *p, cluster_ws *w)
 {
     const int64_t J = 2 * N;
-    const int64_t JK = J * K;
     const int use_dist = p->pos_weight != 0.0;
 
-    /* Zn: rows normalised in double (a zero row stays zero). */
+    normalize_tokens(w->zn, z, J, D);
     for (int64_t j = 0; j < J; j++) {
-        const float *zj = z + j * D;
-        double ss = 0.0;
-        for (int64_t e = 0; e < D; e++) {
-            ss += (double)zj[e] * (double)zj[e];
-        }
-        const float inv = ss > 0.0 ? (float)(1.0 / sqrt(ss)) : 0.0f;
-        for (int64_t e = 0; e < D; e++) {
-            w->zn[j * D + e] = zj[e] * inv;
-        }
         w->px[j] = pos[2 * j];
         w->py[j] = pos[2 * j + 1];
         w->lab[j] = -1;
@@ -382,67 +460,30 @@ static void cluster_image(int64_t *labels, int64_t *counts, float *plan,
     for (int64_t k = 0; k < K; k++) {
         memcpy(w->mu + k * D, w->zn + init[k] * D, (size_t)D * sizeof(float));
         w->lab[init[k]] = k;
-        w->logc[k] = -log((double)K);
         w->c[k] = 1.0 / (double)K;
     }
 
     for (int64_t it = 0; it < p->n_iters; it++) {
-        /* (J,K) = (J,D) @ (K,D)^T */
-        cribo_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)J, (int)K, (int)D,
-                    1.0f, w->zn, (int)D, w->mu, (int)D, 0.0f, w->s, (int)K);
+        /* (K,J) = (K,D) @ (J,D)^T */
+        cribo_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)K, (int)J, (int)D,
+                    1.0f, w->mu, (int)D, w->zn, (int)D, 0.0f, w->s, (int)J);
         if (use_dist) {
             positional_cost(w, J, K);
         }
-        cost_to_logits(w, JK, p->pos_weight, p->sinkhorn_lambda, use_dist);
+        cost_to_logits(w, J * K, p->pos_weight, p->sinkhorn_lambda, use_dist);
         if (p->sinkhorn_lambda <= EXP_DOMAIN_MAX_LAMBDA) {
             sinkhorn_exp(w, J, K, p->sinkhorn_iters);
         } else {
-            sinkhorn(w, J, K, p->sinkhorn_iters);
+            sinkhorn_log(w, J, K, p->sinkhorn_iters);
         }
-
-        /* Hard assignment: argmax_k (s_jk + g_k) (f_j is constant along the row). */
-        memset(w->cnt, 0, (size_t)K * sizeof(int64_t));
-        for (int64_t j = 0; j < J; j++) {
-            const float *row = w->s + j * K;
-            int64_t arg = 0;
-            double best = (double)row[0] + w->g[0];
-            for (int64_t k = 1; k < K; k++) {
-                const double v = (double)row[k] + w->g[k];
-                if (v > best) {
-                    best = v;
-                    arg = k;
-                }
-            }
-            w->lab[j] = arg;
-            w->cnt[arg]++;
-        }
+        assign(w, J, K);
         if (p->update_marginals) {
             const double tot = (double)J + 0.01 * (double)K;
             for (int64_t k = 0; k < K; k++) {
                 w->c[k] = ((double)w->cnt[k] + 0.01) / tot;
-                w->logc[k] = log(w->c[k]);
             }
         }
-        /* Centroids: normalised sums of member rows (an empty cluster gets 0). */
-        memset(w->acc, 0, (size_t)(K * D) * sizeof(double));
-        for (int64_t j = 0; j < J; j++) {
-            double *a = w->acc + w->lab[j] * D;
-            const float *zj = w->zn + j * D;
-            for (int64_t e = 0; e < D; e++) {
-                a[e] += (double)zj[e];
-            }
-        }
-        for (int64_t k = 0; k < K; k++) {
-            const double *a = w->acc + k * D;
-            double ss = 0.0;
-            for (int64_t e = 0; e < D; e++) {
-                ss += a[e] * a[e];
-            }
-            const double inv = ss > 0.0 ? 1.0 / sqrt(ss) : 0.0;
-            for (int64_t e = 0; e < D; e++) {
-                w->mu[k * D + e] = (float)(a[e] * inv);
-            }
-        }
+        update_centroids(w, J, D, K);
     }
 
     memset(counts, 0, (size_t)(2 * K) * sizeof(int64_t));
@@ -453,7 +494,7 @@ static void cluster_image(int64_t *labels, int64_t *counts, float *plan,
     if (plan != NULL) {
         for (int64_t j = 0; j < J; j++) {
             for (int64_t k = 0; k < K; k++) {
-                plan[j * K + k] = (float)exp((double)w->s[j * K + k] + w->f[j] + w->g[k]);
+                plan[j * K + k] = (float)exp((double)w->s[k * J + j] + w->f[j] + w->g[k]);
             }
         }
     }

@@ -25,7 +25,10 @@
 #include <stdint.h>
 
 #define CRIBO_OK 0
-#define CRIBO_ENONFINITE 1 /* an input held NaN or +-inf */
+#define CRIBO_ENONFINITE 1    /* an input held NaN or +-inf */
+#define CRIBO_ENONFINITE_S 2  /* ... the student logits (cribo_xent_forward_backward) */
+#define CRIBO_ENONFINITE_TA 3 /* ... teacher a (scaled by its temperature) */
+#define CRIBO_ENONFINITE_TB 4 /* ... teacher b */
 
 /* ------------------------------------------------------------------ parallel.c */
 
@@ -108,7 +111,7 @@ void cribo_pool_soft_backward(float *dtokens, const float *dout, const float *we
  * CRIBO_TOPK_QROWS, so the similarity scratch is QROWS x BROWS floats per thread
  * whatever the bank size.  Threads split the bank blocks statically; each keeps its
  * own top-k lists, merged in a fixed order at the end. */
-#define CRIBO_TOPK_QROWS 512
+#define CRIBO_TOPK_QROWS 1024
 #define CRIBO_TOPK_BROWS 1024
 size_t cribo_topk_workspace_size(int64_t M, int64_t k, int n_threads);
 
@@ -142,7 +145,8 @@ int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const floa
  *   wa, wb    (R)          per-row gradient weights, may be NULL (1 for a, 0 for b);
  *                          a row with wb[r] == 0 does not read tb[r]
  *   work      n_threads * cribo_xent_workspace_size(L) bytes
- * Returns CRIBO_ENONFINITE if a logit (or centre) read is not finite. */
+ * Returns CRIBO_ENONFINITE_S / _TA / _TB naming the first input (in the lowest
+ * failing row of the first failing thread) whose scaled logits are not finite. */
 size_t cribo_xent_workspace_size(int64_t L);
 int cribo_xent_forward_backward(float *loss_a, float *loss_b, float *grad,
                                 const float *s, const float *ta, const float *tb,

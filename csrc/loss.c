@@ -6,9 +6,9 @@
  *   dH/ds = (softmax(s / tau_s) - p_t) / tau_s
  * One row at a time: pass 1 reads the logits from memory once (scaled copies into
  * per-thread scratch rows, maxima, a finiteness check); pass 2 exponentiates in the
- * scratch rows (cache-resident) and accumulates the normalisers and dot products in
- * double lanes; pass 3 writes the gradient once.  Rows are independent and split
- * statically over threads. */
+ * scratch rows (cache-resident) and accumulates the normalisers and dot products
+ * (float partial sums over blocks of 512, double across blocks); pass 3 writes the
+ * gradient once.  Rows are independent and split statically over threads. */
 #include <math.h>
 #include <string.h>
 
@@ -40,64 +40,101 @@ typedef struct {
     int bad[256];
 } xent_job;
 
-/* x[l] = (t[l] - c[l]) * a, c may be NULL; returns 1 if every x[l] is finite. */
+/* Pass 1 for one row: x[l] = (t[l] - c[l]) * a (c may be NULL: zero) and its
+ * maximum in *max_out; returns 1 if every x[l] is finite. */
 CRIBO_SIMD
-static int scale_row(float *x, const float *t, const float *c, float a, int64_t L)
+static int scale_max_row(float *x, const float *t, const float *c, float a, int64_t L,
+                         float *max_out)
 {
-    if (c != NULL) {
-        for (int64_t l = 0; l < L; l++) {
-            x[l] = (t[l] - c[l]) * a;
+    const cribo_vf av = vf_set1(a);
+    cribo_vf m = vf_set1(-INFINITY);
+    cribo_vi fin = (cribo_vi){0} - 1;
+    int64_t l = 0;
+    for (; l + CRIBO_VL <= L; l += CRIBO_VL) {
+        cribo_vf v = vf_load(t + l);
+        if (c != NULL) {
+            v = v - vf_load(c + l);
         }
-    } else {
-        for (int64_t l = 0; l < L; l++) {
-            x[l] = t[l] * a;
-        }
+        v = v * av;
+        vf_store(x + l, v);
+        m = vf_max(m, v);
+        fin &= vf_isfinite(v);
     }
-    return cribo_all_finite(x, L);
+    float mx = vf_hmax(m);
+    int ok = 1;
+    for (int i = 0; i < CRIBO_VL; i++) {
+        ok &= fin[i] != 0;
+    }
+    for (; l < L; l++) {
+        const float v = (t[l] - (c != NULL ? c[l] : 0.0f)) * a;
+        x[l] = v;
+        mx = v > mx ? v : mx;
+        ok &= v - v == 0.0f;
+    }
+    *max_out = mx;
+    return ok;
 }
 
-/* e[l] = exp(x[l] - m) in place; returns sum_l e[l] and, in *dot, sum_l e[l] * y[l]. */
+/* Pass 2: e[l] = exp(e[l] - m) in place; returns sum_l e[l] and, if y is not NULL,
+ * sum_l e[l] * y[l] in *dot.  Partial sums run in float vectors over blocks of
+ * EXP_BLOCK elements and are added in double across blocks. */
+#define EXP_BLOCK 512
 CRIBO_SIMD
 static double exp_row(float *e, float m, const float *y, double *dot, int64_t L)
 {
-    for (int64_t l = 0; l < L; l++) {
-        e[l] = cribo_expf(e[l] - m);
-    }
-    double z[CRIBO_LANES] = {0};
-    double d[CRIBO_LANES] = {0};
-    int64_t l = 0;
-    for (; l + CRIBO_LANES <= L; l += CRIBO_LANES) {
-        for (int i = 0; i < CRIBO_LANES; i++) {
-            z[i] += (double)e[l + i];
-            d[i] += (double)(e[l + i] * y[l + i]);
-        }
-    }
+    const cribo_vf mv = vf_set1(m);
     double zs = 0.0;
     double ds = 0.0;
-    for (; l < L; l++) {
-        zs += (double)e[l];
-        ds += (double)(e[l] * y[l]);
+    int64_t l = 0;
+    while (l + CRIBO_VL <= L) {
+        const int64_t stop = l + EXP_BLOCK < L ? l + EXP_BLOCK : L;
+        cribo_vf z = vf_set1(0.0f);
+        cribo_vf d = vf_set1(0.0f);
+        for (; l + CRIBO_VL <= stop; l += CRIBO_VL) {
+            const cribo_vf v = vf_exp(vf_load(e + l) - mv);
+            vf_store(e + l, v);
+            z += v;
+            if (y != NULL) {
+                d += v * vf_load(y + l);
+            }
+        }
+        for (int i = 0; i < CRIBO_VL; i++) {
+            zs += (double)z[i];
+            ds += (double)d[i];
+        }
     }
-    for (int i = 0; i < CRIBO_LANES; i++) {
-        zs += z[i];
-        ds += d[i];
+    for (; l < L; l++) {
+        const float v = cribo_expf(e[l] - m);
+        e[l] = v;
+        zs += (double)v;
+        ds += y != NULL ? (double)(v * y[l]) : 0.0;
     }
     *dot = ds;
     return zs;
 }
 
+/* Pass 3: g = cs * es - ca * ea - cb * eb (eb may be NULL). */
 CRIBO_SIMD
 static void write_grad(float *g, const float *es, const float *ea, const float *eb,
                        float cs, float ca, float cb, int64_t L)
 {
-    if (eb != NULL) {
-        for (int64_t l = 0; l < L; l++) {
-            g[l] = cs * es[l] - ca * ea[l] - cb * eb[l];
+    const cribo_vf vs = vf_set1(cs);
+    const cribo_vf va = vf_set1(ca);
+    const cribo_vf vb = vf_set1(cb);
+    int64_t l = 0;
+    for (; l + CRIBO_VL <= L; l += CRIBO_VL) {
+        cribo_vf v = vs * vf_load(es + l) - va * vf_load(ea + l);
+        if (eb != NULL) {
+            v = v - vb * vf_load(eb + l);
         }
-    } else {
-        for (int64_t l = 0; l < L; l++) {
-            g[l] = cs * es[l] - ca * ea[l];
+        vf_store(g + l, v);
+    }
+    for (; l < L; l++) {
+        float v = cs * es[l] - ca * ea[l];
+        if (eb != NULL) {
+            v = v - cb * eb[l];
         }
+        g[l] = v;
     }
 }
 
@@ -114,25 +151,29 @@ static void xent_task(void *ctx, int64_t begin, int64_t end, int tid)
         const double wb = job->wb != NULL ? (double)job->wb[r] : 0.0;
         const int use_b = job->tb != NULL && wb != 0.0;
         /* Pass 1: scaled logits, finiteness, maxima. */
-        int ok = scale_row(xs, job->s + r * L, NULL, (float)job->inv_s, L);
-        ok &= scale_row(xa, job->ta + r * L, job->ca, (float)job->inv_a, L);
-        if (use_b) {
-            ok &= scale_row(xb, job->tb + r * L, job->cb, (float)job->inv_b, L);
+        float ms = 0.0f;
+        float ma = 0.0f;
+        float mb = 0.0f;
+        int bad = 0;
+        if (!scale_max_row(xs, job->s + r * L, NULL, (float)job->inv_s, L, &ms)) {
+            bad = CRIBO_ENONFINITE_S;
+        } else if (!scale_max_row(xa, job->ta + r * L, job->ca, (float)job->inv_a, L, &ma)) {
+            bad = CRIBO_ENONFINITE_TA;
+        } else if (use_b &&
+                   !scale_max_row(xb, job->tb + r * L, job->cb, (float)job->inv_b, L, &mb)) {
+            bad = CRIBO_ENONFINITE_TB;
         }
-        if (!ok) {
-            job->bad[tid] = 1;
+        if (bad) {
+            job->bad[tid] = bad;
             return;
         }
-        const float ms = cribo_lane_max(xs, L);
-        const float ma = cribo_lane_max(xa, L);
-        const float mb = use_b ? cribo_lane_max(xb, L) : 0.0f;
         /* Pass 2: exponentials, normalisers, sum_l e_t[l] * x_s[l]. */
         double dot_a = 0.0;
         double dot_b = 0.0;
         double unused = 0.0;
         const double za = exp_row(xa, ma, xs, &dot_a, L);
         const double zb = use_b ? exp_row(xb, mb, xs, &dot_b, L) : 1.0;
-        const double zs = exp_row(xs, ms, xs, &unused, L); /* last: xs is overwritten */
+        const double zs = exp_row(xs, ms, NULL, &unused, L); /* last: xs is overwritten */
         const double lse = (double)ms + log(zs);
         job->loss_a[r] = (float)(lse - dot_a / za);
         if (job->loss_b != NULL) {
@@ -178,7 +219,7 @@ int cribo_xent_forward_backward(float *loss_a, float *loss_b, float *grad,
     cribo_parallel_for(R, T, xent_task, &job);
     for (int t = 0; t < T; t++) {
         if (job.bad[t]) {
-            return CRIBO_ENONFINITE;
+            return job.bad[t];
         }
     }
     return CRIBO_OK;

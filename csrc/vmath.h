@@ -1,16 +1,19 @@
-/* vmath.h -- small branch-free math the compiler can vectorise without -ffast-math.
+/* vmath.h -- the SIMD layer of the kernels, portable GCC/Clang vector extensions.
  *
- * Kernels compute elementwise results into arrays (vectorised loops) and reduce
- * them with fixed lane arrays (CRIBO_LANES partial sums combined in a fixed
- * order), so no reduction depends on the compiler reassociating floating point. */
+ * cribo_vf holds CRIBO_VL = 8 floats: one AVX2 (or AVX-512VL) register, two SSE
+ * registers in the baseline clone.  (16-float vectors are not used: GCC lowers
+ * them badly for AVX2 targets.)  Hot loops
+ * run over whole vectors and finish the tail with the scalar twin of each
+ * function, which does the same operations in the same order, so a value never
+ * depends on whether it fell in a vector or in the tail.  Reductions keep
+ * per-lane partial results (sums in double) combined in a fixed order: nothing
+ * relies on the compiler reassociating floating point. */
 #ifndef CRIBO_VMATH_H
 #define CRIBO_VMATH_H
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-
-#define CRIBO_LANES 16
 
 /* Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
  * time (GCC function multi-versioning).  -std=c11 keeps -ffp-contract=off, so the
@@ -22,15 +25,92 @@
 #define CRIBO_SIMD
 #endif
 
-/* exp(x) in float to about 2 ulp (Cephes' expf polynomial on [-ln2/2, ln2/2]).
- * Returns 0 for x < -87 (results below FLT_MIN are flushed), +inf-free up to
- * x = 88, NaN for NaN.  Only used where the argument is <= 0 after a max shift. */
-static inline float cribo_expf(float x)
+/* The vector helpers are always inlined, so passing 64-byte vectors never crosses
+ * an ABI boundary; GCC's note that the ABI would differ is moot. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#define CRIBO_VL 8
+#define CRIBO_INLINE static inline __attribute__((always_inline))
+
+typedef float cribo_vf __attribute__((vector_size(32)));
+typedef int32_t cribo_vi __attribute__((vector_size(32)));
+typedef double cribo_vd __attribute__((vector_size(32)));   /* 4 doubles */
+typedef float cribo_vfh __attribute__((vector_size(16)));   /* half a cribo_vf */
+
+CRIBO_INLINE cribo_vf vf_load(const float *p)
 {
-    const float lo = -87.0f;
-    const float hi = 88.0f;
-    float xc = x >= lo ? x : lo; /* NaN -> lo: never converted to int below */
-    xc = xc > hi ? hi : xc;
+    cribo_vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+CRIBO_INLINE void vf_store(float *p, cribo_vf v) { memcpy(p, &v, sizeof v); }
+
+CRIBO_INLINE cribo_vf vf_set1(float x) { return (cribo_vf){0} + x; }
+
+/* mask ? a : b, with mask lanes all-ones or zero (a comparison's result). */
+CRIBO_INLINE cribo_vf vf_select(cribo_vi mask, cribo_vf a, cribo_vf b)
+{
+    return (cribo_vf)(((cribo_vi)a & mask) | ((cribo_vi)b & ~mask));
+}
+
+CRIBO_INLINE cribo_vf vf_max(cribo_vf a, cribo_vf b) { return vf_select(a > b, a, b); }
+CRIBO_INLINE cribo_vf vf_min(cribo_vf a, cribo_vf b) { return vf_select(a < b, a, b); }
+
+/* All-ones lanes where x is finite (x - x is 0 for finite x, NaN otherwise). */
+CRIBO_INLINE cribo_vi vf_isfinite(cribo_vf x) { return (x - x) == vf_set1(0.0f); }
+
+CRIBO_INLINE float vf_hmax(cribo_vf v)
+{
+    float r = v[0];
+    for (int i = 1; i < CRIBO_VL; i++) {
+        r = v[i] > r ? v[i] : r;
+    }
+    return r;
+}
+
+CRIBO_INLINE float vf_hmin(cribo_vf v)
+{
+    float r = v[0];
+    for (int i = 1; i < CRIBO_VL; i++) {
+        r = v[i] < r ? v[i] : r;
+    }
+    return r;
+}
+
+/* acc[0..1] += v, widened to double. */
+CRIBO_INLINE void vd_accumulate(cribo_vd acc[2], cribo_vf v)
+{
+    cribo_vfh lo;
+    cribo_vfh hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    acc[0] += __builtin_convertvector(lo, cribo_vd);
+    acc[1] += __builtin_convertvector(hi, cribo_vd);
+}
+
+CRIBO_INLINE double vd_hsum(const cribo_vd acc[2])
+{
+    double r = 0.0;
+    for (int i = 0; i < 4; i++) {
+        r += acc[0][i] + acc[1][i];
+    }
+    return r;
+}
+
+/* exp(x) in float to about 2 ulp (Cephes' expf polynomial on [-ln2/2, ln2/2]),
+ * branch-free.  0 for x < -87 (results below FLT_MIN are flushed); callers pass
+ * finite arguments <= 88 (in practice <= 0, after a max shift). */
+#define CRIBO_EXP_LO (-87.0f)
+#define CRIBO_EXP_HI 88.0f
+
+CRIBO_INLINE float cribo_expf(float x)
+{
+    const int ok = x >= CRIBO_EXP_LO;
+    float xc = ok ? x : CRIBO_EXP_LO;
+    xc = xc > CRIBO_EXP_HI ? CRIBO_EXP_HI : xc;
     /* n = round(x / ln 2) with the 1.5 * 2^23 trick (exact under round-to-nearest). */
     float n = xc * 1.44269504088896341f + 12582912.0f;
     n = n - 12582912.0f;
@@ -46,72 +126,130 @@ static inline float cribo_expf(float x)
     int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    float y = p * scale;
-    return x >= lo ? y : (x < lo ? 0.0f : x); /* x < lo -> 0, NaN -> NaN */
+    return ok ? p * scale : 0.0f;
 }
 
-/* Reductions over fixed lanes: CRIBO_LANES partial results combined in order. */
-static inline float cribo_lane_max(const float *x, int64_t n)
+/* The same, CRIBO_VL lanes at a time (identical operations, so identical results). */
+CRIBO_INLINE cribo_vf vf_exp(cribo_vf x)
 {
-    float m[CRIBO_LANES];
-    for (int l = 0; l < CRIBO_LANES; l++) {
-        m[l] = -INFINITY;
-    }
+    const cribo_vi ok = x >= vf_set1(CRIBO_EXP_LO);
+    cribo_vf xc = vf_select(ok, x, vf_set1(CRIBO_EXP_LO));
+    xc = vf_select(xc > vf_set1(CRIBO_EXP_HI), vf_set1(CRIBO_EXP_HI), xc);
+    cribo_vf n = xc * 1.44269504088896341f + 12582912.0f;
+    n = n - 12582912.0f;
+    cribo_vf r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    cribo_vf p = vf_set1(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const cribo_vi bits = (__builtin_convertvector(n, cribo_vi) + 127) << 23;
+    const cribo_vf y = p * (cribo_vf)bits;
+    return (cribo_vf)((cribo_vi)y & ok);
+}
+
+/* ------------------------------------------------------------ row reductions */
+
+CRIBO_INLINE float cribo_row_max(const float *x, int64_t n)
+{
     int64_t i = 0;
-    for (; i + CRIBO_LANES <= n; i += CRIBO_LANES) {
-        for (int l = 0; l < CRIBO_LANES; l++) {
-            m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
-        }
-    }
     float r = -INFINITY;
+    if (n >= CRIBO_VL) {
+        cribo_vf m = vf_load(x);
+        for (i = CRIBO_VL; i + CRIBO_VL <= n; i += CRIBO_VL) {
+            m = vf_max(m, vf_load(x + i));
+        }
+        r = vf_hmax(m);
+    }
     for (; i < n; i++) {
         r = x[i] > r ? x[i] : r;
     }
-    for (int l = 0; l < CRIBO_LANES; l++) {
-        r = m[l] > r ? m[l] : r;
-    }
     return r;
 }
 
-static inline float cribo_lane_min(const float *x, int64_t n)
+CRIBO_INLINE float cribo_row_min(const float *x, int64_t n)
 {
-    float m[CRIBO_LANES];
-    for (int l = 0; l < CRIBO_LANES; l++) {
-        m[l] = INFINITY;
-    }
     int64_t i = 0;
-    for (; i + CRIBO_LANES <= n; i += CRIBO_LANES) {
-        for (int l = 0; l < CRIBO_LANES; l++) {
-            m[l] = x[i + l] < m[l] ? x[i + l] : m[l];
-        }
-    }
     float r = INFINITY;
+    if (n >= CRIBO_VL) {
+        cribo_vf m = vf_load(x);
+        for (i = CRIBO_VL; i + CRIBO_VL <= n; i += CRIBO_VL) {
+            m = vf_min(m, vf_load(x + i));
+        }
+        r = vf_hmin(m);
+    }
     for (; i < n; i++) {
         r = x[i] < r ? x[i] : r;
     }
-    for (int l = 0; l < CRIBO_LANES; l++) {
-        r = m[l] < r ? m[l] : r;
+    return r;
+}
+
+/* sum of x in double lanes. */
+CRIBO_INLINE double cribo_row_sum(const float *x, int64_t n)
+{
+    cribo_vd acc[2] = {{0}, {0}};
+    int64_t i = 0;
+    for (; i + CRIBO_VL <= n; i += CRIBO_VL) {
+        vd_accumulate(acc, vf_load(x + i));
+    }
+    double r = vd_hsum(acc);
+    for (; i < n; i++) {
+        r += (double)x[i];
     }
     return r;
 }
 
-static inline double cribo_lane_sum(const float *x, int64_t n)
+/* x[i] = exp(x[i] - m) in place; returns the sum in double lanes. */
+CRIBO_INLINE double cribo_row_exp_sum(float *x, float m, int64_t n)
 {
-    double a[CRIBO_LANES] = {0};
+    cribo_vd acc[2] = {{0}, {0}};
+    const cribo_vf mv = vf_set1(m);
     int64_t i = 0;
-    for (; i + CRIBO_LANES <= n; i += CRIBO_LANES) {
-        for (int l = 0; l < CRIBO_LANES; l++) {
-            a[l] += (double)x[i + l];
-        }
+    for (; i + CRIBO_VL <= n; i += CRIBO_VL) {
+        const cribo_vf e = vf_exp(vf_load(x + i) - mv);
+        vf_store(x + i, e);
+        vd_accumulate(acc, e);
     }
-    double r = 0.0;
+    double r = vd_hsum(acc);
     for (; i < n; i++) {
+        x[i] = cribo_expf(x[i] - m);
         r += (double)x[i];
     }
-    for (int l = 0; l < CRIBO_LANES; l++) {
-        r += a[l];
+    return r;
+}
+
+/* sum of x[i]^2 (squares in float, sums in double lanes). */
+CRIBO_INLINE double cribo_row_sumsq(const float *x, int64_t n)
+{
+    cribo_vd acc[2] = {{0}, {0}};
+    int64_t i = 0;
+    for (; i + CRIBO_VL <= n; i += CRIBO_VL) {
+        const cribo_vf v = vf_load(x + i);
+        vd_accumulate(acc, v * v);
+    }
+    double r = vd_hsum(acc);
+    for (; i < n; i++) {
+        r += (double)(x[i] * x[i]);
     }
     return r;
+}
+
+/* acc[i] += x[i], in double. */
+CRIBO_INLINE void cribo_row_add_d(double *acc, const float *x, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + CRIBO_VL <= n; i += CRIBO_VL) {
+        cribo_vd a[2];
+        memcpy(a, acc + i, sizeof a);
+        vd_accumulate(a, vf_load(x + i));
+        memcpy(acc + i, a, sizeof a);
+    }
+    for (; i < n; i++) {
+        acc[i] += (double)x[i];
+    }
 }
 
 #endif /* CRIBO_VMATH_H */

@@ -47,12 +47,13 @@ SHAPES = [  # B, N, d, K
 ]
 
 
-# With d = 1 every normalised token is +-1, so without the positional cost clusters
-# seeded by tokens of the same sign are exactly tied (identical columns) and the
-# winner depends on BLAS rounding: that combination has no well-defined answer.
+# With d = 1 every normalised token is +-1, so the semantic costs are exactly tied
+# and only the positional cost separates clusters: without it the winner depends on
+# BLAS rounding, and at lambda = 500 float32 rounding of the positional term decides
+# intermediate near-ties.  d = 1 is therefore checked at (lambda 20, pos_weight 2).
 CASES = [(shape, lam, pw) for shape in SHAPES
          for lam, pw in [(20.0, 2.0), (20.0, 0.0), (500.0, 2.0)]
-         if not (shape[2] == 1 and pw == 0.0)]
+         if shape[2] > 1 or (lam, pw) == (20.0, 2.0)]
 
 
 @pytest.mark.parametrize("shape,lam,pos_weight", CASES)
