@@ -333,8 +333,9 @@ class ObjectQueue:
         missing = [k for k in required if k not in state]
         if missing:
             raise KeyError(f"{fn}: state is missing {missing}")
-        if int(state["dim"]) != self.dim:
-            raise ValueError(f"{fn}: state has dim {int(state['dim'])}, this queue {self.dim}")
+        dim = check_int(state["dim"], fn, "dim", 1, 2**31 - 1)
+        if dim != self.dim:
+            raise ValueError(f"{fn}: state has dim {dim}, this queue {self.dim}")
         o1 = self._check_view(fn, "objects1", state["objects1"])
         o2 = self._check_view(fn, "objects2", state["objects2"])
         if o1.shape != o2.shape:
@@ -342,14 +343,22 @@ class ObjectQueue:
         oid = as_int64(state["object_ids"], fn, "object_ids")
         cnt = as_int64(state["image_counts"], fn, "image_counts")
         iid = as_int64(state["image_ids"], fn, "image_ids")
-        if oid.shape != (o1.shape[0],) or cnt.ndim != 1 or iid.shape != cnt.shape:
-            raise ValueError(f"{fn}: inconsistent shapes in state")
+        if oid.shape != (o1.shape[0],):
+            raise ValueError(f"{fn}: object_ids must have shape ({o1.shape[0]},) like objects1, "
+                             f"got {oid.shape}")
+        if cnt.ndim != 1:
+            raise ValueError(f"{fn}: image_counts must have shape (images,), got {cnt.shape}")
+        if iid.shape != cnt.shape:
+            raise ValueError(f"{fn}: image_ids must have shape {cnt.shape} like image_counts, "
+                             f"got {iid.shape}")
         if (cnt.size and cnt.min() < 0) or int(cnt.sum()) != o1.shape[0]:
             raise ValueError(f"{fn}: image_counts must be non-negative and sum to the objects")
+        if iid.size and iid.min() < -1:
+            raise ValueError(f"{fn}: image_ids must be non-negative (or -1: unknown)")
         if not np.array_equal(oid, np.repeat(iid, cnt)):
             raise ValueError(f"{fn}: object_ids do not agree with image_ids and image_counts")
-        capacity = int(state["capacity"])
-        if capacity < 1 or cnt.shape[0] > capacity:
+        capacity = check_int(state["capacity"], fn, "capacity", 1, 2**31 - 1)
+        if cnt.shape[0] > capacity:
             raise ValueError(f"{fn}: state holds {cnt.shape[0]} images for capacity {capacity}")
         self.capacity = capacity
         self.exclude_same_image = bool(state.get("exclude_same_image", self.exclude_same_image))

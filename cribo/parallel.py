@@ -34,7 +34,7 @@ def set_num_threads(n: int) -> None:
     """Use ``n`` threads (1..256) in every cribo kernel from now on."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"set_num_threads: n must be an integer, got {n!r}")
-    _C.set_num_threads(n)
+    _C.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:

@@ -46,7 +46,8 @@ static int check_array(PyArrayObject *a, const char *fn, const char *name, int t
     }
     if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
         PyErr_Format(PyExc_ValueError,
-                     "%s: %s must be C-contiguous and aligned (use numpy.ascontiguousarray)",
+                     "%s: %s must be C-contiguous and aligned (use numpy.require(x, "
+                     "requirements='CA'))",
                      fn, name);
         return -1;
     }
@@ -154,15 +155,15 @@ static PyObject *nonfinite_error(const char *fn, const char *what)
 static PyObject *py_set_num_threads(PyObject *self, PyObject *args)
 {
     (void)self;
-    int n;
-    if (!PyArg_ParseTuple(args, "i:set_num_threads", &n)) {
+    long long n;
+    if (!PyArg_ParseTuple(args, "L:set_num_threads", &n)) {
         return NULL;
     }
     if (n < 1 || n > 256) {
-        PyErr_Format(PyExc_ValueError, "set_num_threads: n must be in [1, 256], got %d", n);
+        PyErr_Format(PyExc_ValueError, "set_num_threads: n must be in [1, 256], got %lld", n);
         return NULL;
     }
-    n_threads = n;
+    n_threads = (int)n;
     Py_RETURN_NONE;
 }
 
@@ -566,7 +567,7 @@ static PyObject *py_topk_cosine(PyObject *self, PyObject *args, PyObject *kw)
     }
     if (M > 0) {
         const int T = n_threads;
-        work = alloc_work(cribo_topk_workspace_size(M, k, T));
+        work = alloc_work(cribo_topk_workspace_size(M, D, k, T));
         if (work == NULL) {
             goto fail;
         }
@@ -672,6 +673,19 @@ static PyObject *py_xent(PyObject *self, PyObject *args, PyObject *kw)
     if (!(ttb > 0.0 && ttb < 1e6)) {
         bad_scalar(fn, "teacher_temp_b", "a finite number > 0", ttb);
         return NULL;
+    }
+    for (int i = 0; i < 2; i++) {
+        PyArrayObject *wt = i == 0 ? wa : wb;
+        if (wt != NULL) {
+            const float *wp = (const float *)PyArray_DATA(wt);
+            for (npy_intp r = 0; r < R; r++) {
+                if (wp[r] < 0.0f) {
+                    PyErr_Format(PyExc_ValueError, "%s: %s must be non-negative", fn,
+                                 i == 0 ? "weight" : "weight_b");
+                    return NULL;
+                }
+            }
+        }
     }
     if ((wa != NULL && check_finite(wa, fn, "weight") < 0) ||
         (wb != NULL && check_finite(wb, fn, "weight_b") < 0) ||

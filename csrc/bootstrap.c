@@ -1,9 +1,10 @@
 /* bootstrap.c -- blocked top-k cosine search, SPEC §4 (and the dense evaluation).
  *
- * sim(m, q) = <x_m, y_q> / (|x_m| |y_q|), 0 where either vector is zero.
- * The raw products come from sgemm on blocks of CRIBO_TOPK_QROWS queries x
- * CRIBO_TOPK_BROWS bank rows, scaled by the inverse norms (computed in double),
- * then each row of the block updates a sorted top-k list.  The bank is read once:
+ * sim(m, q) = <x_m / |x_m|, y_q / |y_q|>, 0 where either vector is zero.
+ * Each block of CRIBO_TOPK_BROWS bank rows and each chunk of CRIBO_TOPK_QROWS
+ * queries is first copied L2-normalised (norms in double, so any finite magnitude
+ * works), then one sgemm gives their similarities and each row of the block
+ * updates a sorted top-k list.  The bank is read once:
  * threads split the bank blocks statically, each block's similarities come from a
  * gemm of the same shape whatever the thread count, and the per-thread lists are
  * merged by (similarity desc, index asc) -- so results are independent of the
@@ -17,20 +18,40 @@
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-/* Per-thread layout: sims (QROWS, BROWS), binv (BROWS), list_sim (M, k), list_idx (M, k).
- * Shared, after all threads: qinv (M). */
-static size_t thread_bytes(int64_t M, int64_t k)
+/* Per-thread layout: sims (QROWS, BROWS), qn (QROWS, D), bn (BROWS, D),
+ * list_sim (M, k), list_idx (M, k). */
+typedef struct {
+    float *sims;
+    float *qn;
+    float *bn;
+    float *lsim;
+    int64_t *lidx;
+} topk_ws;
+
+static size_t carve(topk_ws *w, char *base, int64_t M, int64_t D, int64_t k)
 {
-    return align64((size_t)CRIBO_TOPK_QROWS * CRIBO_TOPK_BROWS * sizeof(float)) +
-           align64((size_t)CRIBO_TOPK_BROWS * sizeof(float)) +
-           align64((size_t)(M * k) * sizeof(float)) +
-           align64((size_t)(M * k) * sizeof(int64_t));
+    size_t off = 0;
+#define TAKE(field, type, count)                                  \
+    do {                                                          \
+        if (base != NULL) {                                       \
+            w->field = (type *)(base + off);                      \
+        }                                                         \
+        off += align64((size_t)(count) * sizeof(type));           \
+    } while (0)
+    TAKE(sims, float, (int64_t)CRIBO_TOPK_QROWS * CRIBO_TOPK_BROWS);
+    TAKE(qn, float, (int64_t)CRIBO_TOPK_QROWS * D);
+    TAKE(bn, float, (int64_t)CRIBO_TOPK_BROWS * D);
+    TAKE(lsim, float, M * k);
+    TAKE(lidx, int64_t, M * k);
+#undef TAKE
+    return off;
 }
 
-size_t cribo_topk_workspace_size(int64_t M, int64_t k, int n_threads)
+size_t cribo_topk_workspace_size(int64_t M, int64_t D, int64_t k, int n_threads)
 {
+    topk_ws w;
     const int T = n_threads < 1 ? 1 : n_threads;
-    return (size_t)T * thread_bytes(M, k) + align64((size_t)M * sizeof(float));
+    return (size_t)T * carve(&w, NULL, M, D, k);
 }
 
 typedef struct {
@@ -41,12 +62,13 @@ typedef struct {
     int64_t M, Q, D, k;
     char *work;
     size_t tb;          /* bytes per thread */
-    float *qinv;        /* (M) */
     int bad[256];       /* per thread: a non-finite norm was met */
 } topk_job;
 
-/* Inverse L2 norm of each of n rows of x (n, D); returns 0 if one is not finite. */
-static int inverse_norms(float *inv, const float *x, int64_t n, int64_t D)
+/* out (n, D) = rows of x L2-normalised (norms in double; a zero row stays zero).
+ * Returns 0 if a row is not finite. */
+CRIBO_SIMD
+static int normalized_copy(float *out, const float *x, int64_t n, int64_t D)
 {
     int ok = 1;
     for (int64_t i = 0; i < n; i++) {
@@ -55,22 +77,16 @@ static int inverse_norms(float *inv, const float *x, int64_t n, int64_t D)
         for (int64_t e = 0; e < D; e++) {
             ss += (double)r[e] * (double)r[e];
         }
-        if (!(ss <= 1e300)) { /* NaN or inf */
+        if (!(ss <= 1e300)) { /* NaN, inf, or beyond what a float row can hold */
             ok = 0;
-            inv[i] = 0.0f;
-            continue;
+            ss = 0.0;
         }
-        inv[i] = ss > 0.0 ? (float)(1.0 / sqrt(ss)) : 0.0f;
+        const double inv = ss > 0.0 ? 1.0 / sqrt(ss) : 0.0;
+        for (int64_t e = 0; e < D; e++) {
+            out[i * D + e] = (float)((double)r[e] * inv);
+        }
     }
     return ok;
-}
-
-static void qnorm_task(void *ctx, int64_t begin, int64_t end, int tid)
-{
-    topk_job *job = (topk_job *)ctx;
-    if (!inverse_norms(job->qinv + begin, job->queries + begin * job->D, end - begin, job->D)) {
-        job->bad[tid] = 1;
-    }
 }
 
 /* Inserts (s, q) into the sorted list (ls, li) of length k if it beats the last entry.
@@ -88,68 +104,43 @@ static void insert(float *ls, int64_t *li, int64_t k, float s, int64_t q)
     li[pos] = q;
 }
 
-/* max_j (raw[j] * qi) * binv[j]: the largest cosine similarity in one row of a block
- * (the same expression the scan below evaluates, so the two agree exactly). */
-CRIBO_SIMD
-static float scaled_row_max(const float *raw, float qi, const float *binv, int64_t nb)
-{
-    const cribo_vf q = vf_set1(qi);
-    cribo_vf m = vf_set1(-INFINITY);
-    int64_t j = 0;
-    for (; j + CRIBO_VL <= nb; j += CRIBO_VL) {
-        m = vf_max(m, (vf_load(raw + j) * q) * vf_load(binv + j));
-    }
-    float r = vf_hmax(m);
-    for (; j < nb; j++) {
-        const float v = (raw[j] * qi) * binv[j];
-        r = v > r ? v : r;
-    }
-    return r;
-}
-
 static void search_task(void *ctx, int64_t begin, int64_t end, int tid)
 {
     topk_job *job = (topk_job *)ctx;
     const int64_t M = job->M, Q = job->Q, D = job->D, k = job->k;
-    char *base = job->work + (size_t)tid * job->tb;
-    float *sims = (float *)base;
-    base += align64((size_t)CRIBO_TOPK_QROWS * CRIBO_TOPK_BROWS * sizeof(float));
-    float *binv = (float *)base;
-    base += align64((size_t)CRIBO_TOPK_BROWS * sizeof(float));
-    float *lsim = (float *)base;
-    base += align64((size_t)(M * k) * sizeof(float));
-    int64_t *lidx = (int64_t *)base;
-
+    topk_ws w;
+    carve(&w, job->work + (size_t)tid * job->tb, M, D, k);
     for (int64_t i = 0; i < M * k; i++) {
-        lsim[i] = -INFINITY;
-        lidx[i] = -1;
+        w.lsim[i] = -INFINITY;
+        w.lidx[i] = -1;
     }
     for (int64_t blk = begin; blk < end; blk++) {
         const int64_t q0 = blk * CRIBO_TOPK_BROWS;
         const int64_t nb = Q - q0 < CRIBO_TOPK_BROWS ? Q - q0 : CRIBO_TOPK_BROWS;
-        const float *bank = job->bank + q0 * D;
-        if (!inverse_norms(binv, bank, nb, D)) {
+        if (!normalized_copy(w.bn, job->bank + q0 * D, nb, D)) {
             job->bad[tid] = 1;
             return;
         }
         for (int64_t m0 = 0; m0 < M; m0 += CRIBO_TOPK_QROWS) {
             const int64_t mq = M - m0 < CRIBO_TOPK_QROWS ? M - m0 : CRIBO_TOPK_QROWS;
+            if (!normalized_copy(w.qn, job->queries + m0 * D, mq, D)) {
+                job->bad[tid] = 1;
+                return;
+            }
             /* (mq,nb) = (mq,D) @ (nb,D)^T */
             cribo_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)mq, (int)nb, (int)D,
-                        1.0f, job->queries + m0 * D, (int)D, bank, (int)D,
-                        0.0f, sims, CRIBO_TOPK_BROWS);
+                        1.0f, w.qn, (int)D, w.bn, (int)D, 0.0f, w.sims, CRIBO_TOPK_BROWS);
             for (int64_t i = 0; i < mq; i++) {
                 const int64_t m = m0 + i;
-                const float *row = sims + i * CRIBO_TOPK_BROWS;
-                const float qi = job->qinv[m];
-                float *ls = lsim + m * k;
-                int64_t *li = lidx + m * k;
-                if (li[k - 1] >= 0 && scaled_row_max(row, qi, binv, nb) <= ls[k - 1]) {
+                const float *row = w.sims + i * CRIBO_TOPK_BROWS;
+                float *ls = w.lsim + m * k;
+                int64_t *li = w.lidx + m * k;
+                if (li[k - 1] >= 0 && cribo_row_max(row, nb) <= ls[k - 1]) {
                     continue; /* nothing in this block beats the current k-th */
                 }
                 const int64_t qid = job->qids != NULL ? job->qids[m] : 0;
                 for (int64_t j = 0; j < nb; j++) {
-                    const float s = (row[j] * qi) * binv[j];
+                    const float s = row[j];
                     if (s > ls[k - 1] || li[k - 1] < 0) {
                         if (job->bids != NULL && job->bids[q0 + j] == qid) {
                             continue;
@@ -162,16 +153,9 @@ static void search_task(void *ctx, int64_t begin, int64_t end, int tid)
     }
 }
 
-/* True if (sa, ia) ranks before (sb, ib): higher similarity, then lower index; an
- * empty slot (index -1) ranks last. */
+/* True if (sa, ia) ranks before (sb, ib): higher similarity, then lower index. */
 static int ranks_before(float sa, int64_t ia, float sb, int64_t ib)
 {
-    if (ia < 0) {
-        return 0;
-    }
-    if (ib < 0) {
-        return 1;
-    }
     return sa > sb || (sa == sb && ia < ib);
 }
 
@@ -180,10 +164,7 @@ int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const floa
                       int64_t M, int64_t Q, int64_t D, int64_t k,
                       void *work, int n_threads)
 {
-    int T = n_threads < 1 ? 1 : n_threads;
-    if (T > 256) {
-        T = 256;
-    }
+    int T = n_threads < 1 ? 1 : (n_threads > 256 ? 256 : n_threads);
     const int64_t n_blocks = (Q + CRIBO_TOPK_BROWS - 1) / CRIBO_TOPK_BROWS;
     if ((int64_t)T > n_blocks) {
         T = (int)n_blocks;
@@ -199,23 +180,21 @@ int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const floa
     job.D = D;
     job.k = k;
     job.work = (char *)work;
-    job.tb = thread_bytes(M, k);
-    job.qinv = (float *)((char *)work + (size_t)T * job.tb);
+    topk_ws w;
+    job.tb = carve(&w, NULL, M, D, k);
 
-    cribo_parallel_for(M, T, qnorm_task, &job);
-    for (int t = 0; t < T; t++) {
-        if (job.bad[t]) {
-            return CRIBO_ENONFINITE;
-        }
-    }
     cribo_parallel_for(n_blocks, T, search_task, &job);
     for (int t = 0; t < T; t++) {
         if (job.bad[t]) {
             return CRIBO_ENONFINITE;
         }
     }
-    /* Merge the per-thread lists in thread order (each thread holds a contiguous
-     * range of bank blocks, so ties are resolved by index either way). */
+    /* Merge the per-thread lists: repeatedly take the best head (thread t holds a
+     * contiguous range of bank blocks, and ties go to the lower index). */
+    topk_ws tw[256];
+    for (int t = 0; t < T; t++) {
+        carve(&tw[t], job.work + (size_t)t * job.tb, M, D, k);
+    }
     for (int64_t m = 0; m < M; m++) {
         int64_t head[256];
         for (int t = 0; t < T; t++) {
@@ -229,14 +208,8 @@ int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const floa
                 if (head[t] >= k) {
                     continue;
                 }
-                char *base = (char *)work + (size_t)t * job.tb;
-                base += align64((size_t)CRIBO_TOPK_QROWS * CRIBO_TOPK_BROWS * sizeof(float));
-                base += align64((size_t)CRIBO_TOPK_BROWS * sizeof(float));
-                const float *ls = (const float *)base + m * k;
-                base += align64((size_t)(M * k) * sizeof(float));
-                const int64_t *li = (const int64_t *)base + m * k;
-                const float s = ls[head[t]];
-                const int64_t i = li[head[t]];
+                const float s = tw[t].lsim[m * k + head[t]];
+                const int64_t i = tw[t].lidx[m * k + head[t]];
                 if (i >= 0 && (best < 0 || ranks_before(s, i, bs, bi))) {
                     best = t;
                     bs = s;

@@ -108,12 +108,13 @@ void cribo_pool_soft_backward(float *dtokens, const float *dout, const float *we
 /* ----------------------------------------------------------------- bootstrap.c */
 
 /* The bank is searched in blocks of CRIBO_TOPK_BROWS rows, the queries in chunks of
- * CRIBO_TOPK_QROWS, so the similarity scratch is QROWS x BROWS floats per thread
- * whatever the bank size.  Threads split the bank blocks statically; each keeps its
- * own top-k lists, merged in a fixed order at the end. */
+ * CRIBO_TOPK_QROWS; each is copied L2-normalised first.  Per thread the scratch is
+ * QROWS x BROWS similarities plus the two normalised copies (about 7 MB at D = 384)
+ * and the thread's (M, k) top-k lists, whatever the bank size.  Threads split the
+ * bank blocks statically; their lists are merged in a fixed order at the end. */
 #define CRIBO_TOPK_QROWS 1024
 #define CRIBO_TOPK_BROWS 1024
-size_t cribo_topk_workspace_size(int64_t M, int64_t k, int n_threads);
+size_t cribo_topk_workspace_size(int64_t M, int64_t D, int64_t k, int n_threads);
 
 /* k most cosine-similar bank rows of each query (a zero vector has similarity 0),
  * sorted by similarity, ties to the lowest bank index.  Where ids are given, bank
@@ -124,7 +125,7 @@ size_t cribo_topk_workspace_size(int64_t M, int64_t k, int n_threads);
  *   queries   (M, D)
  *   bank      (Q, D)
  *   query_ids (M) and bank_ids (Q), or both NULL
- * Returns CRIBO_ENONFINITE if a query or bank row has a non-finite norm. */
+ * Returns CRIBO_ENONFINITE if a query or bank row is not finite. */
 int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const float *bank,
                       const int64_t *query_ids, const int64_t *bank_ids,
                       int64_t M, int64_t Q, int64_t D, int64_t k,
