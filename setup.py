@@ -57,7 +57,8 @@ setup(
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,
-            depends=[os.path.join("csrc", f) for f in ("cribo.h", "blas.h", "vmath.h")],
+            depends=[os.path.join("csrc", f)
+                     for f in ("cribo.h", "blas.h", "vmath.h", "workspace.h")],
         )
     ]
 )

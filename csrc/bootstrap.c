@@ -15,8 +15,7 @@
 #include "blas.h"
 #include "cribo.h"
 #include "vmath.h"
-
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+#include "workspace.h"
 
 /* Per-thread layout: sims (QROWS, BROWS), qn (QROWS, D), bn (BROWS, D),
  * list_sim (M, k), list_idx (M, k). */
@@ -31,25 +30,17 @@ typedef struct {
 static size_t carve(topk_ws *w, char *base, int64_t M, int64_t D, int64_t k)
 {
     size_t off = 0;
-#define TAKE(field, type, count)                                  \
-    do {                                                          \
-        if (base != NULL) {                                       \
-            w->field = (type *)(base + off);                      \
-        }                                                         \
-        off += align64((size_t)(count) * sizeof(type));           \
-    } while (0)
-    TAKE(sims, float, (int64_t)CRIBO_TOPK_QROWS * CRIBO_TOPK_BROWS);
-    TAKE(qn, float, (int64_t)CRIBO_TOPK_QROWS * D);
-    TAKE(bn, float, (int64_t)CRIBO_TOPK_BROWS * D);
-    TAKE(lsim, float, M * k);
-    TAKE(lidx, int64_t, M * k);
-#undef TAKE
+    CRIBO_TAKE(sims, float, (int64_t)CRIBO_TOPK_QROWS * CRIBO_TOPK_BROWS);
+    CRIBO_TAKE(qn, float, (int64_t)CRIBO_TOPK_QROWS * D);
+    CRIBO_TAKE(bn, float, (int64_t)CRIBO_TOPK_BROWS * D);
+    CRIBO_TAKE(lsim, float, M * k);
+    CRIBO_TAKE(lidx, int64_t, M * k);
     return off;
 }
 
 size_t cribo_topk_workspace_size(int64_t M, int64_t D, int64_t k, int n_threads)
 {
-    topk_ws w;
+    topk_ws w = {0};
     const int T = n_threads < 1 ? 1 : n_threads;
     return (size_t)T * carve(&w, NULL, M, D, k);
 }
@@ -108,7 +99,7 @@ static void search_task(void *ctx, int64_t begin, int64_t end, int tid)
 {
     topk_job *job = (topk_job *)ctx;
     const int64_t M = job->M, Q = job->Q, D = job->D, k = job->k;
-    topk_ws w;
+    topk_ws w = {0};
     carve(&w, job->work + (size_t)tid * job->tb, M, D, k);
     for (int64_t i = 0; i < M * k; i++) {
         w.lsim[i] = -INFINITY;
@@ -180,7 +171,7 @@ int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const floa
     job.D = D;
     job.k = k;
     job.work = (char *)work;
-    topk_ws w;
+    topk_ws w = {0};
     job.tb = carve(&w, NULL, M, D, k);
 
     cribo_parallel_for(n_blocks, T, search_task, &job);

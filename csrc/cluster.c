@@ -25,6 +25,7 @@
 #include "blas.h"
 #include "cribo.h"
 #include "vmath.h"
+#include "workspace.h"
 
 /* Largest lambda (cost range 1) for which the exp-domain kernel exp(S - rowmax),
  * with entries >= exp(-lambda), cannot underflow in float. */
@@ -55,47 +56,37 @@ typedef struct {
     int64_t *cnt;    /* (K) members */
 } cluster_ws;
 
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
-
 /* Lays the workspace out from `base` (or only counts if base is NULL). */
 static size_t carve(cluster_ws *w, char *base, int64_t N, int64_t D, int64_t K)
 {
     const int64_t J = 2 * N;
     size_t off = 0;
-#define TAKE(field, type, count)                                  \
-    do {                                                          \
-        if (base != NULL) {                                       \
-            w->field = (type *)(base + off);                      \
-        }                                                         \
-        off += align64((size_t)(count) * sizeof(type));           \
-    } while (0)
-    TAKE(zn, float, J * D);
-    TAKE(mu, float, K * D);
-    TAKE(s, float, K * J);
-    TAKE(dist, float, K * J);
-    TAKE(acc, double, K * D);
-    TAKE(f, double, J);
-    TAKE(g, double, K);
-    TAKE(u, double, J);
-    TAKE(v, double, K);
-    TAKE(c, double, K);
-    TAKE(best, double, J);
-    TAKE(fj, float, J);
-    TAKE(tmp, float, J);
-    TAKE(px, float, J);
-    TAKE(py, float, J);
-    TAKE(colbest, float, J);
-    TAKE(lab, int64_t, J);
-    TAKE(order, int64_t, J);
-    TAKE(start, int64_t, K + 1);
-    TAKE(cnt, int64_t, K);
-#undef TAKE
+    CRIBO_TAKE(zn, float, J * D);
+    CRIBO_TAKE(mu, float, K * D);
+    CRIBO_TAKE(s, float, K * J);
+    CRIBO_TAKE(dist, float, K * J);
+    CRIBO_TAKE(acc, double, K * D);
+    CRIBO_TAKE(f, double, J);
+    CRIBO_TAKE(g, double, K);
+    CRIBO_TAKE(u, double, J);
+    CRIBO_TAKE(v, double, K);
+    CRIBO_TAKE(c, double, K);
+    CRIBO_TAKE(best, double, J);
+    CRIBO_TAKE(fj, float, J);
+    CRIBO_TAKE(tmp, float, J);
+    CRIBO_TAKE(px, float, J);
+    CRIBO_TAKE(py, float, J);
+    CRIBO_TAKE(colbest, float, J);
+    CRIBO_TAKE(lab, int64_t, J);
+    CRIBO_TAKE(order, int64_t, J);
+    CRIBO_TAKE(start, int64_t, K + 1);
+    CRIBO_TAKE(cnt, int64_t, K);
     return off;
 }
 
 size_t cribo_cluster_workspace_size(int64_t N, int64_t D, int64_t K)
 {
-    cluster_ws w;
+    cluster_ws w = {0};
     return carve(&w, NULL, N, D, K);
 }
 
@@ -519,7 +510,7 @@ static void cluster_task(void *ctx, int64_t begin, int64_t end, int tid)
 {
     cluster_job *job = (cluster_job *)ctx;
     const int64_t N = job->N, D = job->D, K = job->K, J = 2 * N;
-    cluster_ws w;
+    cluster_ws w = {0};
     carve(&w, job->work + (size_t)tid * job->ws, N, D, K);
     for (int64_t b = begin; b < end; b++) {
         cluster_image(job->labels + b * J, job->counts + b * 2 * K,

@@ -13,13 +13,12 @@
 #include <string.h>
 
 #include "cribo.h"
+#include "workspace.h"
 #include "vmath.h"
-
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 size_t cribo_xent_workspace_size(int64_t L)
 {
-    return 3 * align64((size_t)L * sizeof(float));
+    return 3 * cribo_align64((size_t)L * sizeof(float));
 }
 
 typedef struct {
@@ -144,8 +143,8 @@ static void xent_task(void *ctx, int64_t begin, int64_t end, int tid)
     const int64_t L = job->L;
     char *base = job->work + (size_t)tid * job->ws;
     float *xs = (float *)base;
-    float *xa = (float *)(base + align64((size_t)L * sizeof(float)));
-    float *xb = (float *)(base + 2 * align64((size_t)L * sizeof(float)));
+    float *xa = (float *)(base + cribo_align64((size_t)L * sizeof(float)));
+    float *xb = (float *)(base + 2 * cribo_align64((size_t)L * sizeof(float)));
     for (int64_t r = begin; r < end; r++) {
         const double wa = job->wa != NULL ? (double)job->wa[r] : 1.0;
         const double wb = job->wb != NULL ? (double)job->wb[r] : 0.0;

@@ -8,14 +8,13 @@
 
 #include "blas.h"
 #include "cribo.h"
-
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+#include "workspace.h"
 
 /* ------------------------------------------------------------------ hard */
 
 size_t cribo_pool_workspace_size(int64_t D, int64_t K)
 {
-    return align64((size_t)(K * D) * sizeof(double)) + align64((size_t)K * sizeof(int64_t));
+    return cribo_align64((size_t)(K * D) * sizeof(double)) + cribo_align64((size_t)K * sizeof(int64_t));
 }
 
 typedef struct {
@@ -45,7 +44,7 @@ static void pool_forward_task(void *ctx, int64_t begin, int64_t end, int tid)
     const int64_t N = job->N, D = job->D, K = job->K;
     char *base = job->work + (size_t)tid * job->ws;
     double *acc = (double *)base;
-    int64_t *cnt = (int64_t *)(base + align64((size_t)(K * D) * sizeof(double)));
+    int64_t *cnt = (int64_t *)(base + cribo_align64((size_t)(K * D) * sizeof(double)));
     for (int64_t v = begin; v < end; v++) { /* v = b * 2 + i */
         const float *z = job->in + v * N * D;
         const int64_t *lab = job->labels + v * N;
@@ -85,7 +84,7 @@ static void pool_backward_task(void *ctx, int64_t begin, int64_t end, int tid)
     pool_job *job = (pool_job *)ctx;
     const int64_t N = job->N, D = job->D, K = job->K;
     char *base = job->work + (size_t)tid * job->ws;
-    int64_t *cnt = (int64_t *)(base + align64((size_t)(K * D) * sizeof(double)));
+    int64_t *cnt = (int64_t *)(base + cribo_align64((size_t)(K * D) * sizeof(double)));
     for (int64_t v = begin; v < end; v++) {
         const float *dout = job->in + v * K * D;
         const int64_t *lab = job->labels + v * N;
@@ -120,7 +119,7 @@ void cribo_pool_backward(float *dtokens, const float *dout, const int64_t *label
 
 size_t cribo_pool_soft_workspace_size(int64_t D, int64_t K)
 {
-    return align64((size_t)(K * D) * sizeof(float)) + align64((size_t)K * sizeof(double));
+    return cribo_align64((size_t)(K * D) * sizeof(float)) + cribo_align64((size_t)K * sizeof(double));
 }
 
 /* colinv (K) = 1 / sum_n w(n, k), 0 for a zero column. */
@@ -144,7 +143,7 @@ static void pool_soft_forward_task(void *ctx, int64_t begin, int64_t end, int ti
     pool_job *job = (pool_job *)ctx;
     const int64_t N = job->N, D = job->D, K = job->K;
     char *base = job->work + (size_t)tid * job->ws;
-    double *colinv = (double *)(base + align64((size_t)(K * D) * sizeof(float)));
+    double *colinv = (double *)(base + cribo_align64((size_t)(K * D) * sizeof(float)));
     for (int64_t v = begin; v < end; v++) {
         const float *z = job->in + v * N * D;
         const float *w = job->weights + v * N * K;
@@ -177,7 +176,7 @@ static void pool_soft_backward_task(void *ctx, int64_t begin, int64_t end, int t
     const int64_t N = job->N, D = job->D, K = job->K;
     char *base = job->work + (size_t)tid * job->ws;
     float *scaled = (float *)base;
-    double *colinv = (double *)(base + align64((size_t)(K * D) * sizeof(float)));
+    double *colinv = (double *)(base + cribo_align64((size_t)(K * D) * sizeof(float)));
     for (int64_t v = begin; v < end; v++) {
         const float *dout = job->in + v * K * D;
         const float *w = job->weights + v * N * K;
