@@ -225,7 +225,8 @@ class ObjectQueue:
         return out
 
     # ---------------------------------------------------------------- match
-    def match(self, objects1: Any, objects2: Any, image_ids: Any = None) -> Match:
+    def match(self, objects1: Any, objects2: Any, image_ids: Any = None, *,
+              batch: Optional[Tuple[Any, Any]] = None, offset: int = 0) -> Match:
         """Nearest queue entries of the batch's objects, with both cycle checks.
 
         For object j with teacher representations t1_j, t2_j (cosine similarity
@@ -237,6 +238,11 @@ class ObjectQueue:
             objects1, objects2: (M, d) the batch's valid teacher objects.
             image_ids: optional (M,) source image id of each object; with
                 ``exclude_same_image`` an entry of the same image is never matched.
+            batch: optional (all_objects1, all_objects2), each (M_all, d): the whole
+                current batch when it is split over processes (SPEC §4: the cycle
+                checks run against the objects of all processes); the queries are
+                its rows ``offset .. offset + M``.  Default: the queries themselves.
+            offset: row of the first query in ``batch``.
 
         Returns:
             A :class:`Match`; an empty queue matches nothing (all -1 / False).
@@ -265,6 +271,17 @@ class ObjectQueue:
                          sim[0], sim[1])
         exclude = self.exclude_same_image and qids is not None
         queue = (self.objects1, self.objects2)
+        if batch is None:
+            cycle = (o1, o2)
+            offset = 0
+        else:
+            cycle = (self._check_view(fn, "batch[0]", batch[0]),
+                     self._check_view(fn, "batch[1]", batch[1]))
+            offset = check_int(offset, fn, "offset", 0, 2**62)
+            if cycle[0].shape != cycle[1].shape or offset + M > cycle[0].shape[0]:
+                raise ValueError(f"{fn}: batch must be two arrays of the same shape holding "
+                                 f"the queries at rows {offset}..{offset + M}, got "
+                                 f"{cycle[0].shape} and {cycle[1].shape}")
         batch = (o1, o2)
         for v in (0, 1):
             other = 1 - v
@@ -278,8 +295,8 @@ class ObjectQueue:
             if found.any():
                 # Cycle: the retrieved entry's other view must point back to j.
                 back = np.ascontiguousarray(queue[other][idx[found]])
-                j_back, _ = _C.topk_cosine(back, batch[other], 1, None, None)
-                mask[v][found] = j_back[:, 0] == np.flatnonzero(found)
+                j_back, _ = _C.topk_cosine(back, cycle[other], 1, None, None)
+                mask[v][found] = j_back[:, 0] == offset + np.flatnonzero(found)
                 targets[v][found] = queue[v][idx[found]]
         return Match(index[0], index[1], mask[0], mask[1], targets[0], targets[1],
                      sim[0], sim[1])

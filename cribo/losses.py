@@ -103,6 +103,15 @@ class CriboLosses:
     n_pairs2: int
 
 
+def check_int_like(value: Any, fn: str, name: str) -> int:
+    """A non-negative integer count."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{fn}: {name} must hold integers, got {value!r}")
+    if int(value) < 0:
+        raise ValueError(f"{fn}: {name} must be non-negative, got {int(value)}")
+    return int(value)
+
+
 def _xent(fn: str, names: Dict[str, str], *args: Any):
     """_C.softmax_cross_entropy, with a non-finite-input error renamed to ``fn``'s
     argument names (``names`` maps the kernel's argument names to ours)."""
@@ -135,7 +144,8 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
                  student_temp: float = 0.1, teacher_temp: float = 0.07,
                  teacher_temp_objects: Optional[float] = None,
                  weights: Sequence[float] = (1.0, 1.0, 1.0),
-                 center_momentum: float = 0.9) -> CriboLosses:
+                 center_momentum: float = 0.9,
+                 denominators: Optional[Sequence[int]] = None) -> CriboLosses:
     """CrIBo's three loss terms, their gradients and the centre update (SPEC §5).
 
     ``L_g  = mean_b [H(pt1_b, ps2_b) + H(pt2_b, ps1_b)]`` (global, centre C_g);
@@ -158,6 +168,12 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
         teacher_temp_objects: tau_t of the object terms (default: teacher_temp).
         weights: (w_g, w_o, w_nn), e.g. (1, 0, 0) for DINO's global term alone.
         center_momentum: centre EMA momentum (0.9).
+        denominators: optional (B, M, Z1, Z2) used in place of this call's own
+            batch size, object count and pair counts.  A distributed step passes
+            the totals over all processes, so that each process returns its share
+            of the global loss and gradient (the shares sum to what one process
+            with the whole batch computes).  The centres returned are still those
+            of this call's rows alone.
 
     Returns:
         A :class:`CriboLosses`.
@@ -189,29 +205,39 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
     mom = check_float(center_momentum, fn, "center_momentum", 0.0, 1.0)
     if B < 1:
         raise ValueError(f"{fn}: student_global must hold at least one image, got B = 0")
+    Z = (int(m1.sum()), int(m2.sum()))
+    if denominators is None:
+        B_den, M_den, Z_den = B, M, Z
+    else:
+        if len(denominators) != 4:
+            raise ValueError(f"{fn}: denominators must be (B, M, Z1, Z2), got {denominators!r}")
+        B_den, M_den, z1, z2 = (check_int_like(d, fn, "denominators") for d in denominators)
+        Z_den = (z1, z2)
+        if B_den < B or M_den < M or z1 < Z[0] or z2 < Z[1]:
+            raise ValueError(f"{fn}: denominators {tuple(denominators)} must be at least this "
+                             f"call's counts (B={B}, M={M}, Z1={Z[0]}, Z2={Z[1]})")
 
     # Global: student view 2 learns from teacher view 1 and vice versa.
     grad_global = np.empty_like(sg)
-    wrow = np.full(B, w_g / B, np.float32)
+    wrow = np.full(B, w_g / B_den, np.float32)
     l_g = 0.0
     for v in (0, 1):
         la, _, g = _xent(fn, {"student_logits": "student_global",
                               "teacher_logits": "teacher_global", "center": "center_global"},
                          sg[1 - v], tg[v], None, cg, None, wrow, None, ts, tg_temp, tg_temp, True)
         grad_global[1 - v] = g
-        l_g += float(la.astype(np.float64).mean())
+        l_g += float(la.astype(np.float64).sum() / B_den)
 
     # Objects: student view 2 row j learns from teacher view 1 row j (L_o) and
     # from neighbour nn1_j (L_nn, where m1_j); symmetrically for view 1.
     grad_objects = np.zeros_like(so)
     l_o = 0.0
     l_nn = 0.0
-    Z = (int(m1.sum()), int(m2.sum()))
     if M > 0:
-        w_obj = np.full(M, w_o / M, np.float32)
-        for v, mask, z in ((0, m1, Z[0]), (1, m2, Z[1])):
+        w_obj = np.full(M, w_o / M_den, np.float32)
+        for v, mask, z, zd in ((0, m1, Z[0], Z_den[0]), (1, m2, Z[1], Z_den[1])):
             use_nn = tn is not None and z > 0
-            wb = (mask * (w_nn / z)).astype(np.float32) if use_nn else None
+            wb = (mask * (w_nn / zd)).astype(np.float32) if use_nn else None
             la, lb, g = _xent(
                 fn, {"student_logits": "student_objects", "teacher_logits": "teacher_objects",
                      "teacher_logits_b": "teacher_neighbours", "center": "center_objects",
@@ -219,7 +245,7 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
                 so[1 - v], to[v], tn[v] if use_nn else None, co, co if use_nn else None,
                 w_obj, wb, ts, to_temp, to_temp, True)
             grad_objects[1 - v] = g
-            l_o += float(la.astype(np.float64).mean())
+            l_o += float(la.astype(np.float64).sum() / M_den)
             if use_nn:
                 # Weight 0 skips the neighbour part of a row; compute the masked rows'
                 # losses even when w_nn = 0 so the term is still reported.
@@ -229,9 +255,9 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
                                     "center": "center_objects"},
                                so[1 - v][mask], tn[v][mask], None, co, None, None, None, ts,
                                to_temp, to_temp, False)[0]
-                    l_nn += float(lb.astype(np.float64).mean())
+                    l_nn += float(lb.astype(np.float64).sum() / zd)
                 else:
-                    l_nn += float(lb[mask].astype(np.float64).sum() / z)
+                    l_nn += float(lb[mask].astype(np.float64).sum() / zd)
 
     total = w_g * l_g + w_o * l_o + w_nn * l_nn
     new_cg = _C.update_center(cg, tg.reshape(2 * B, L), mom)

@@ -139,3 +139,23 @@ def test_state_dict_round_trip(rng):
     q2.push(o1, o2, counts)
     np.testing.assert_array_equal(q.objects2, q2.objects2)
     np.testing.assert_array_equal(q.image_counts, q2.image_counts)
+
+
+def test_match_split_over_processes_equals_one_process(rng):
+    """Cycle checks against the gathered batch: each share of a split batch gets the
+    rows the whole batch would get (SPEC §4, distributed deviation)."""
+    q = cribo.ObjectQueue(50, 6)
+    for _ in range(5):
+        o1, o2, counts = _random_batch(rng, 6, 6)
+        q.push(o1, o2, counts)
+    o1, o2, _ = _random_batch(rng, 10, 6)
+    whole = q.match(o1, o2)
+    cut = len(o1) // 3
+    parts = [q.match(o1[a:b], o2[a:b], batch=(o1, o2), offset=a)
+             for a, b in ((0, cut), (cut, len(o1)))]
+    for key in ("index1", "index2", "mask1", "mask2"):
+        np.testing.assert_array_equal(np.concatenate([getattr(p, key) for p in parts]),
+                                      getattr(whole, key))
+    # A batch that does not hold the queries at the offset is refused.
+    with pytest.raises(ValueError, match="batch must be"):
+        q.match(o1[:2], o2[:2], batch=(o1[:1], o2[:1]), offset=0)

@@ -97,3 +97,29 @@ def test_update_center_matches_reference(rng):
     t = rng.standard_normal((37, 3000)).astype(np.float32)
     assert_close_f32(cribo.update_center(c, t, 0.9), ref.update_center(c, t, 0.9), reduction=37)
     np.testing.assert_array_equal(cribo.update_center(c, np.zeros((0, 3000)), 0.9), c)
+
+
+def test_denominators_split_a_batch_into_shares_that_sum_to_the_whole(rng):
+    """What a distributed step relies on: two 'processes' with the global counts as
+    denominators return shares whose sum is the one-process loss and gradient."""
+    B, M, L = 6, 10, 32
+    kw = _head_outputs(rng, B, M, L)
+    full = cribo.cribo_losses(**kw)
+    den = (B, M, int(kw["mask1"].sum()), int(kw["mask2"].sum()))
+    parts = []
+    for bs, ms in ((slice(0, 2), slice(0, 7)), (slice(2, 6), slice(7, 10))):
+        part = {k: (v[:, bs] if k.endswith("global") and k.startswith(("student", "teacher"))
+                    else v[:, ms] if k in ("student_objects", "teacher_objects",
+                                           "teacher_neighbours")
+                    else v[ms] if k in ("mask1", "mask2") else v) for k, v in kw.items()}
+        parts.append(cribo.cribo_losses(**part, denominators=den))
+    assert sum(p.total for p in parts) == pytest.approx(full.total, rel=1e-6)
+    for attr in ("global_", "objects", "neighbours"):
+        assert sum(getattr(p, attr) for p in parts) == pytest.approx(getattr(full, attr),
+                                                                     rel=1e-6)
+    np.testing.assert_allclose(np.concatenate([p.grad_global for p in parts], 1),
+                               full.grad_global, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(np.concatenate([p.grad_objects for p in parts], 1),
+                               full.grad_objects, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="denominators"):
+        cribo.cribo_losses(**kw, denominators=(1, M, 0, 0))
