@@ -1,0 +1,348 @@
+"""The CrIBo objective for torch modules (SPEC §2-§5 on autograd).
+
+One call of :class:`CriboObjective` does, for a batch of B images seen in two
+views (Lebailly, Stegmüller et al., ICLR 2024, §3):
+
+1. clusters the teacher's final patch tokens of both views jointly (C kernel);
+2. pools teacher and student tokens into per-view object representations, the
+   student's with gradient (``pool_backward`` inside a ``torch.autograd.Function``);
+3. looks the teacher objects up in the memory queue (nearest neighbours with cycle
+   checks), then pushes them;
+4. runs the heads on the CLS outputs, the objects and the retrieved neighbours;
+5. computes the three losses and their gradient w.r.t. the student's logits in one
+   fused C pass, and updates the centres.
+
+CPU float32 tensors reach the C kernels without copies (``Tensor.numpy()`` shares
+memory); tensors on another device, or in another dtype, are copied to host
+float32 and the results copied back -- correct, but the copies cost time, so on a
+GPU the C operators run on the CPU side of the step.
+
+Under ``torch.distributed`` (world size > 1) every process's objects enter every
+queue in rank order, the cycle checks and the loss normalisation use the objects
+of all processes, and the centres are averaged over all processes' rows, so P
+processes with batch b compute what one process with batch P*b computes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bootstrap import ObjectQueue
+from .clustering import cluster
+from .losses import cribo_losses
+from .pooling import pool, pool_backward
+
+__all__ = ["CriboObjective", "ObjectiveOutput", "pool_tokens", "image_seeds"]
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A float32 NumPy view of ``t`` (no copy for a contiguous CPU float32 tensor)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype != torch.float32:
+        t = t.float()
+    return t.contiguous().numpy()
+
+
+class _Pool(torch.autograd.Function):
+    """Hard per-view mean pooling with the C forward and backward."""
+
+    @staticmethod
+    def forward(ctx: Any, tokens: torch.Tensor, labels: np.ndarray, K: int) -> torch.Tensor:
+        ctx.labels, ctx.K = labels, K
+        ctx.device, ctx.dtype = tokens.device, tokens.dtype
+        out = pool(_host(tokens), labels, K)
+        return torch.from_numpy(out).to(tokens.device, tokens.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        dz = pool_backward(_host(grad), ctx.labels, ctx.K)
+        return torch.from_numpy(dz).to(ctx.device, ctx.dtype), None, None
+
+
+def pool_tokens(tokens: torch.Tensor, labels: np.ndarray, n_clusters: int) -> torch.Tensor:
+    """Differentiable :func:`cribo.pool`: (B, 2, N, d) tokens -> (B, 2, K, d) objects."""
+    return _Pool.apply(tokens, labels, n_clusters)
+
+
+class _Losses(torch.autograd.Function):
+    """cribo_losses as an autograd node: the gradient w.r.t. the student's logits
+    comes from the fused C pass, computed in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, student_global: torch.Tensor, student_objects: torch.Tensor,
+                kwargs: Dict[str, Any], out: Dict[str, Any], grad_scale: float) -> torch.Tensor:
+        res = cribo_losses(_host(student_global), kwargs.pop("teacher_global"),
+                           _host(student_objects), kwargs.pop("teacher_objects"), **kwargs)
+        out["result"] = res
+        ctx.grads = (res.grad_global, res.grad_objects)
+        ctx.scale = grad_scale
+        ctx.meta = (student_global.device, student_global.dtype)
+        return torch.tensor(res.total, dtype=student_global.dtype, device=student_global.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        device, dtype = ctx.meta
+        g = float(grad) * ctx.scale
+        gg, go = (torch.from_numpy(x).to(device, dtype) * g for x in ctx.grads)
+        return gg, go, None, None, None
+
+
+def image_seeds(seed: int, step: int, image_ids: np.ndarray) -> np.ndarray:
+    """(B,) clustering seeds that depend only on (seed, step, image id): an image's
+    initialisation never depends on its batch-mates or on how a batch is split."""
+    ids = np.asarray(image_ids, np.uint64)
+    with np.errstate(over="ignore"):
+        h = ids * np.uint64(0x9E3779B97F4A7C15) + np.uint64(step) * np.uint64(0xBF58476D1CE4E5B9)
+        h = h ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+        h = (h ^ (h >> np.uint64(31))) * np.uint64(0x94D049BB133111EB)
+    return (h >> np.uint64(1)).astype(np.int64)
+
+
+@dataclass
+class ObjectiveOutput:
+    """What one step of the objective returns.
+
+    Attributes:
+        loss: scalar tensor to call ``backward()`` on (the weighted total).
+        terms: the unweighted terms ``global``, ``objects``, ``neighbours`` and the
+            weighted ``total`` (floats; over all processes in a distributed run).
+        stats: ``objects_per_image`` (valid clusters per image), ``objects`` (M),
+            ``consistent`` (fraction of look-ups that passed the cycle check),
+            ``queue_images``.
+        labels: (B, 2, N) int64 cluster labels of this process's images.
+        valid: (B, K) bool valid clusters.
+    """
+
+    loss: torch.Tensor
+    terms: Dict[str, float]
+    stats: Dict[str, float]
+    labels: np.ndarray
+    valid: np.ndarray
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def _dist() -> Tuple[bool, int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ws = torch.distributed.get_world_size()
+        return ws > 1, torch.distributed.get_rank(), ws
+    return False, 0, 1
+
+
+def _all_gather_rows(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows of x from every process in rank order; also each process's row count."""
+    n = torch.tensor([x.shape[0]], dtype=torch.int64)
+    ws = torch.distributed.get_world_size()
+    sizes = [torch.zeros_like(n) for _ in range(ws)]
+    torch.distributed.all_gather(sizes, n)
+    sizes_np = np.array([int(s) for s in sizes], np.int64)
+    width = x.shape[1:] if x.ndim > 1 else ()
+    buf = torch.zeros((int(sizes_np.max()),) + tuple(width), dtype=torch.from_numpy(x[:0]).dtype)
+    buf[: x.shape[0]] = torch.from_numpy(x)
+    parts = [torch.zeros_like(buf) for _ in range(ws)]
+    torch.distributed.all_gather(parts, buf)
+    rows = np.concatenate([p[: int(s)].numpy() for p, s in zip(parts, sizes_np)])
+    return rows, sizes_np
+
+
+class CriboObjective(nn.Module):
+    """The CrIBo loss around a student/teacher pair of backbones and heads.
+
+    The module owns the object queue and the two centres (buffers), so its
+    ``state_dict()`` checkpoints them (the queue through ``get_extra_state``).
+
+    Args:
+        out_dim: L, width of the heads' global output.
+        embed_dim: d, width of the backbone's tokens (the queue's width).
+        out_dim_objects: width of the object output (default: out_dim).
+        n_clusters: K per image (64 in the reference).
+        queue_size: images held by the queue (25 000 in the reference).
+        pos_weight, sinkhorn_lambda, sinkhorn_iters, n_iters: clustering, SPEC §2.
+        student_temp: tau_s.
+        center_momentum: centre EMA momentum.
+        weights: (w_global, w_objects, w_neighbours); (1, 0, 0) is DINO.
+        exclude_same_image: never match an object to a queue entry of its own image.
+        seed: base seed of the clustering initialisation.
+
+    Example:
+        >>> obj = CriboObjective(out_dim=4096, embed_dim=192, n_clusters=16, queue_size=512)
+        >>> out = obj(s_cls, s_tok, t_cls, t_tok, positions, s_head, t_head,
+        ...           image_ids=ids, step=it, teacher_temp=0.04)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, out_dim: int, embed_dim: int, *, out_dim_objects: Optional[int] = None,
+                 n_clusters: int = 64, queue_size: int = 25000, pos_weight: float = 2.0,
+                 sinkhorn_lambda: float = 20.0, sinkhorn_iters: int = 5, n_iters: int = 5,
+                 student_temp: float = 0.1, center_momentum: float = 0.9,
+                 weights: Sequence[float] = (1.0, 1.0, 1.0), exclude_same_image: bool = True,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if len(weights) != 3 or any(w < 0 for w in weights):
+            raise ValueError(f"CriboObjective: weights must be three non-negative numbers "
+                             f"(global, objects, neighbours), got {weights!r}")
+        self.n_clusters = int(n_clusters)
+        self.pos_weight = float(pos_weight)
+        self.sinkhorn_lambda = float(sinkhorn_lambda)
+        self.sinkhorn_iters = int(sinkhorn_iters)
+        self.n_iters = int(n_iters)
+        self.student_temp = float(student_temp)
+        self.center_momentum = float(center_momentum)
+        self.weights = tuple(float(w) for w in weights)
+        self.seed = int(seed)
+        self.queue = ObjectQueue(queue_size, embed_dim, exclude_same_image=exclude_same_image)
+        self.register_buffer("center_global", torch.zeros(out_dim))
+        self.register_buffer("center_objects", torch.zeros(out_dim_objects or out_dim))
+
+    # The queue is checkpointed with the module.
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"queue": self.queue.state_dict()}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        self.queue.load_state_dict(state["queue"])
+
+    def forward(self, student_cls: torch.Tensor, student_tokens: torch.Tensor,
+                teacher_cls: torch.Tensor, teacher_tokens: torch.Tensor, positions: Any,
+                student_head: nn.Module, teacher_head: nn.Module, *, image_ids: Any = None,
+                step: int = 0, teacher_temp: float = 0.07,
+                teacher_temp_objects: Optional[float] = None,
+                pos_weight: Optional[float] = None,
+                use_neighbours: bool = True) -> ObjectiveOutput:
+        """One step of the objective.
+
+        Args:
+            student_cls, teacher_cls: (B, 2, d) CLS outputs [image, view].
+            student_tokens, teacher_tokens: (B, 2, N, d) final patch tokens (after
+                the backbone's last LayerNorm).  Run the backbone on the views
+                interleaved image by image ([img0 view1, img0 view2, img1 view1,
+                ...]) and ``view(B, 2, N, d)`` costs nothing.
+            positions: (B, 2, N, 2) patch centres in the original image frame.
+            student_head, teacher_head: modules with ``forward_global(x)`` and
+                ``forward_objects(x)``, (R, d) -> (R, L).
+            image_ids: (B,) source image ids (seed the clustering per image and keep
+                an object from matching its own copy in the queue).
+            step: global iteration (varies the clustering initialisation).
+            teacher_temp: tau_t of the global term at this step.
+            teacher_temp_objects: tau_t of the object terms (default: teacher_temp).
+            pos_weight: positional weight at this step (default: the constructor's).
+            use_neighbours: compute the cross-image term (the queue is looked up and
+                filled either way; CrIBo starts the term after the first epoch).
+
+        Returns:
+            An :class:`ObjectiveOutput`.
+        """
+        distributed, rank, world = _dist()
+        B, _, N, d = teacher_tokens.shape
+        K = self.n_clusters
+        pos = positions.detach().cpu().numpy() if torch.is_tensor(positions) else positions
+        ids = (np.arange(B) if image_ids is None else
+               (image_ids.detach().cpu().numpy() if torch.is_tensor(image_ids)
+                else np.asarray(image_ids))).astype(np.int64)
+
+        # 1. Joint-space clustering of the teacher's tokens.
+        t_tok = _host(teacher_tokens)
+        c = cluster(t_tok, pos, K, pos_weight=self.pos_weight if pos_weight is None
+                    else pos_weight, sinkhorn_lambda=self.sinkhorn_lambda,
+                    sinkhorn_iters=self.sinkhorn_iters, n_iters=self.n_iters,
+                    seed=image_seeds(self.seed, step, ids))
+        valid = c.valid
+        counts = valid.sum(1)
+
+        # 2. Objects: teacher (no gradient) and student (gradient through C pooling).
+        t_obj = pool(t_tok, c.labels, K)
+        t1 = np.ascontiguousarray(t_obj[:, 0][valid])
+        t2 = np.ascontiguousarray(t_obj[:, 1][valid])
+        s_obj = pool_tokens(student_tokens, c.labels, K)
+        vmask = torch.from_numpy(valid).to(s_obj.device)
+        s1, s2 = s_obj[:, 0][vmask], s_obj[:, 1][vmask]
+        M = t1.shape[0]
+        obj_ids = np.repeat(ids, counts)
+
+        # 3. Queue: look up, then push (the batch is never matched against itself).
+        if distributed:
+            all1, sizes = _all_gather_rows(t1)
+            all2, _ = _all_gather_rows(t2)
+            all_counts, _ = _all_gather_rows(counts.astype(np.int64))
+            all_ids, _ = _all_gather_rows(ids)
+            offset = int(sizes[:rank].sum())
+            match = self.queue.match(t1, t2, obj_ids, batch=(all1, all2), offset=offset)
+            self.queue.push(all1, all2, all_counts, image_ids=all_ids)
+        else:
+            match = self.queue.match(t1, t2, obj_ids)
+            self.queue.push(t1, t2, counts, image_ids=ids)
+
+        # 4. Heads.
+        dev = student_cls.device
+        sg = student_head.forward_global(student_cls.transpose(0, 1).reshape(2 * B, d))
+        so = student_head.forward_objects(torch.cat([s1, s2]))
+        L = sg.shape[-1]
+        with torch.no_grad():
+            tg = teacher_head.forward_global(teacher_cls.transpose(0, 1).reshape(2 * B, d))
+            to = teacher_head.forward_objects(torch.from_numpy(np.concatenate([t1, t2])).to(dev))
+            w_nn = self.weights[2] if use_neighbours else 0.0
+            tn = None
+            if use_neighbours and M > 0 and (match.mask1.any() or match.mask2.any()):
+                targets = torch.from_numpy(np.concatenate([match.targets1, match.targets2]))
+                tn = _host(teacher_head.forward_objects(targets.to(dev))).reshape(2, M, -1)
+
+        # 5. Losses with the fused C gradient; centres.
+        Z = (int(match.mask1.sum()), int(match.mask2.sum()))
+        den = None
+        if distributed:
+            tot = torch.tensor([B, M, Z[0], Z[1]], dtype=torch.int64)
+            torch.distributed.all_reduce(tot)
+            den = tuple(int(v) for v in tot)
+        holder: Dict[str, Any] = {}
+        kwargs = dict(teacher_global=_host(tg).reshape(2, B, L),
+                      teacher_objects=_host(to).reshape(2, M, -1),
+                      teacher_neighbours=tn, mask1=match.mask1, mask2=match.mask2,
+                      center_global=_host(self.center_global),
+                      center_objects=_host(self.center_objects),
+                      student_temp=self.student_temp, teacher_temp=teacher_temp,
+                      teacher_temp_objects=teacher_temp_objects,
+                      weights=(self.weights[0], self.weights[1], w_nn),
+                      center_momentum=self.center_momentum, denominators=den)
+        # DDP averages gradients over processes; each process holds a share of the
+        # global loss, so its gradient is scaled by the world size to sum instead.
+        loss = _Losses.apply(sg.reshape(2, B, L), so.reshape(2, M, -1), kwargs, holder,
+                             float(world))
+        res = holder["result"]
+        self._update_centers(res, tg, to, distributed)
+
+        terms = {"global": res.global_, "objects": res.objects, "neighbours": res.neighbours,
+                 "total": res.total}
+        n_lookups = 2 * M
+        consistent = float(Z[0] + Z[1])
+        if distributed:
+            vec = torch.tensor([terms["global"], terms["objects"], terms["neighbours"],
+                                terms["total"], consistent, float(n_lookups)],
+                               dtype=torch.float64)
+            torch.distributed.all_reduce(vec)
+            terms = dict(zip(("global", "objects", "neighbours", "total"), vec[:4].tolist()))
+            consistent, n_lookups = float(vec[4]), int(vec[5])
+        stats = {"objects_per_image": float(counts.mean()), "objects": float(M),
+                 "consistent": consistent / n_lookups if n_lookups else 0.0,
+                 "queue_images": float(len(self.queue))}
+        return ObjectiveOutput(loss=loss, terms=terms, stats=stats, labels=c.labels,
+                               valid=valid, extra={"match": match})
+
+    @torch.no_grad()
+    def _update_centers(self, res: Any, tg: torch.Tensor, to: torch.Tensor,
+                        distributed: bool) -> None:
+        if not distributed:
+            self.center_global.copy_(torch.from_numpy(res.center_global))
+            self.center_objects.copy_(torch.from_numpy(res.center_objects))
+            return
+        m = self.center_momentum
+        for buf, rows in ((self.center_global, tg), (self.center_objects, to)):
+            s = torch.cat([rows.detach().double().sum(0).cpu(),
+                           torch.tensor([rows.shape[0]], dtype=torch.float64)])
+            torch.distributed.all_reduce(s)
+            if s[-1] > 0:
+                mean = (s[:-1] / s[-1]).to(buf.dtype).to(buf.device)
+                buf.mul_(m).add_(mean, alpha=1.0 - m)
