@@ -10,8 +10,10 @@
 
 #ifdef CRIBO_SYSTEM_CBLAS
 #define cribo_sgemm cblas_sgemm
+#define cribo_ssyrk cblas_ssyrk
 #else
 #define cribo_sgemm scipy_cblas_sgemm
+#define cribo_ssyrk scipy_cblas_ssyrk
 #endif
 
 #endif /* CRIBO_BLAS_H */

@@ -2,12 +2,18 @@
  *
  * Per image (images run in parallel, each on one thread with single-threaded BLAS):
  *   Zn = rows of [z1; z2] L2-normalised                 (J, D)
+ *   G  = Zn Zn^T                                        (J, J)   one ssyrk
  *   repeat n_iters times:
- *     Sim^T = mu Zn^T                                   (K, J)   one sgemm
+ *     Sim^T = mu Zn^T                                   (K, J)   from G (below)
  *     D^T   = positional cost of the current members    (K, J)   O(J^2), no (J, J, K) tensor
  *     S^T   = -lambda * minmax(-Sim + alpha * D)         (K, J)
  *     Sinkhorn on S, leaving potentials f (J), g (K) with log T = S + f + g
  *     labels = argmax_k log T (ties to the lowest k); marginals; centroids
+ * With mu_k the normalised sum of cluster k's member rows,
+ *   Sim_kj = <mu_k, Zn_j> = sum_{m in k} G_mj / sqrt(sum_{m, m' in k} G_mm'),
+ * so after one ssyrk (half the flops of the J x J product) each iteration needs only
+ * O(J^2) additions (in double) and no centroid; the first iteration's seeds give
+ * Sim_kj = G_{init_k, j}.
  * Everything per (token, cluster) is stored cluster-major, (K, J): reductions over
  * tokens are contiguous rows, and per-token operations across clusters (the row
  * scaling, the argmax) are elementwise over rows, so every hot loop vectorises.
@@ -35,10 +41,11 @@
 
 typedef struct {
     float *zn;       /* (J, D) normalised tokens */
-    float *mu;       /* (K, D) centroids */
+    float *gram;     /* (J, J) Zn Zn^T */
     float *s;        /* (K, J) Sim^T, then S^T = -lambda * M^T */
     float *dist;     /* (K, J) positional cost; then the exp-domain kernel */
-    double *acc;     /* (K, D) centroid sums */
+    double *acc;     /* (K, J) sum_{m in k} G_mj */
+    double *nrm;     /* (K) |sum_{m in k} Zn_m|^2 */
     double *f;       /* (J) row potentials (log T = S + f + g) */
     double *g;       /* (K) column potentials */
     double *u;       /* (J) exp-domain row scalings / row sums */
@@ -62,10 +69,11 @@ static size_t carve(cluster_ws *w, char *base, int64_t N, int64_t D, int64_t K)
     const int64_t J = 2 * N;
     size_t off = 0;
     CRIBO_TAKE(zn, float, J * D);
-    CRIBO_TAKE(mu, float, K * D);
+    CRIBO_TAKE(gram, float, J * J);
     CRIBO_TAKE(s, float, K * J);
     CRIBO_TAKE(dist, float, K * J);
-    CRIBO_TAKE(acc, double, K * D);
+    CRIBO_TAKE(acc, double, K * J);
+    CRIBO_TAKE(nrm, double, K);
     CRIBO_TAKE(f, double, J);
     CRIBO_TAKE(g, double, K);
     CRIBO_TAKE(u, double, J);
@@ -110,21 +118,39 @@ CRIBO_INLINE void axpy_d(double *y, double a, const float *x, int64_t n)
     }
 }
 
-/* sum_j x[j] (float) * y[j] (double), in double lanes. */
-CRIBO_INLINE double dot_fd(const float *x, const double *y, int64_t n)
+/* y[j] += a * x[j], all double. */
+CRIBO_INLINE void axpy_dd(double *y, double a, const double *x, int64_t n)
+{
+    const cribo_vd av = (cribo_vd){0} + a;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        cribo_vd xd;
+        cribo_vd yd;
+        memcpy(&xd, x + j, sizeof xd);
+        memcpy(&yd, y + j, sizeof yd);
+        yd += av * xd;
+        memcpy(y + j, &yd, sizeof yd);
+    }
+    for (; j < n; j++) {
+        y[j] += a * x[j];
+    }
+}
+
+/* sum_j x[j] * y[j], all double, in 4 lanes. */
+CRIBO_INLINE double dot_dd(const double *x, const double *y, int64_t n)
 {
     cribo_vd acc = {0};
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        cribo_vfh xf;
+        cribo_vd xd;
         cribo_vd yd;
-        memcpy(&xf, x + j, sizeof xf);
+        memcpy(&xd, x + j, sizeof xd);
         memcpy(&yd, y + j, sizeof yd);
-        acc += __builtin_convertvector(xf, cribo_vd) * yd;
+        acc += xd * yd;
     }
     double r = acc[0] + acc[1] + acc[2] + acc[3];
     for (; j < n; j++) {
-        r += (double)x[j] * y[j];
+        r += x[j] * y[j];
     }
     return r;
 }
@@ -268,6 +294,7 @@ CRIBO_SIMD
 static void sinkhorn_exp(cluster_ws *w, int64_t J, int64_t K, int64_t iters)
 {
     float *E = w->dist;
+    double *Ed = w->acc; /* E widened once, for the double matrix-vector products */
     const double r = 1.0 / (double)J;
     token_max(w->fj, w->s, J, K);
     for (int64_t k = 0; k < K; k++) {
@@ -279,6 +306,9 @@ static void sinkhorn_exp(cluster_ws *w, int64_t J, int64_t K, int64_t iters)
         }
         for (; j < J; j++) {
             e[j] = cribo_expf(row[j] - w->fj[j]);
+        }
+        for (j = 0; j < J; j++) {
+            Ed[k * J + j] = (double)e[j];
         }
         w->v[k] = 1.0;
     }
@@ -307,14 +337,14 @@ static void sinkhorn_exp(cluster_ws *w, int64_t J, int64_t K, int64_t iters)
             w->u[j] = 0.0;
         }
         for (int64_t k = 0; k < K; k++) {
-            axpy_d(w->u, w->v[k], E + k * J, J);
+            axpy_dd(w->u, w->v[k], Ed + k * J, J);
         }
         for (int64_t j = 0; j < J; j++) {
             w->u[j] = r / w->u[j];
         }
         /* v_k = c_k / sum_j E_kj u_j */
         for (int64_t k = 0; k < K; k++) {
-            w->v[k] = w->c[k] / dot_fd(E + k * J, w->u, J);
+            w->v[k] = w->c[k] / dot_dd(Ed + k * J, w->u, J);
         }
     }
     for (int64_t j = 0; j < J; j++) {
@@ -411,23 +441,39 @@ static void assign(cluster_ws *w, int64_t J, int64_t K)
     }
 }
 
-/* mu (K, D) = L2-normalised sum of the member rows of zn (an empty cluster gets 0). */
-CRIBO_SIMD
-static void update_centroids(cluster_ws *w, int64_t J, int64_t D, int64_t K)
+/* gram (J, J) = zn zn^T: the upper triangle from ssyrk, mirrored. */
+static void gram_matrix(cluster_ws *w, int64_t J, int64_t D)
 {
-    memset(w->acc, 0, (size_t)(K * D) * sizeof(double));
+    /* (J,J) = (J,D) @ (J,D)^T, upper triangle */
+    cribo_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)J, (int)D, 1.0f, w->zn, (int)D,
+                0.0f, w->gram, (int)J);
+    for (int64_t i = 1; i < J; i++) {
+        for (int64_t j = 0; j < i; j++) {
+            w->gram[i * J + j] = w->gram[j * J + i];
+        }
+    }
+}
+
+/* s (K, J) = Sim^T for the current members: for k, sum_{m in k} G_m. / |sum Zn_m|,
+ * with |sum_{m in k} Zn_m|^2 = sum_{j in k} sum_{m in k} G_mj (an empty cluster, or
+ * members summing to zero, gives 0). */
+CRIBO_SIMD
+static void similarity(cluster_ws *w, int64_t J, int64_t K)
+{
+    memset(w->acc, 0, (size_t)(K * J) * sizeof(double));
+    memset(w->nrm, 0, (size_t)K * sizeof(double));
+    for (int64_t m = 0; m < J; m++) {
+        axpy_d(w->acc + w->lab[m] * J, 1.0, w->gram + m * J, J);
+    }
     for (int64_t j = 0; j < J; j++) {
-        axpy_d(w->acc + w->lab[j] * D, 1.0, w->zn + j * D, D);
+        w->nrm[w->lab[j]] += w->acc[w->lab[j] * J + j];
     }
     for (int64_t k = 0; k < K; k++) {
-        const double *a = w->acc + k * D;
-        double ss = 0.0;
-        for (int64_t e = 0; e < D; e++) {
-            ss += a[e] * a[e];
-        }
-        const double inv = ss > 0.0 ? 1.0 / sqrt(ss) : 0.0;
-        for (int64_t e = 0; e < D; e++) {
-            w->mu[k * D + e] = (float)(a[e] * inv);
+        const double inv = w->nrm[k] > 0.0 ? 1.0 / sqrt(w->nrm[k]) : 0.0;
+        const double *a = w->acc + k * J;
+        float *row = w->s + k * J;
+        for (int64_t j = 0; j < J; j++) {
+            row[j] = (float)(a[j] * inv);
         }
     }
 }
@@ -448,16 +494,18 @@ static void cluster_image(int64_t *labels, int64_t *counts, float *plan,
         w->py[j] = pos[2 * j + 1];
         w->lab[j] = -1;
     }
+    gram_matrix(w, J, D);
     for (int64_t k = 0; k < K; k++) {
-        memcpy(w->mu + k * D, w->zn + init[k] * D, (size_t)D * sizeof(float));
+        /* First centroids: the seed tokens, so Sim_kj = G_{init_k, j}. */
+        memcpy(w->s + k * J, w->gram + init[k] * J, (size_t)J * sizeof(float));
         w->lab[init[k]] = k;
         w->c[k] = 1.0 / (double)K;
     }
 
     for (int64_t it = 0; it < p->n_iters; it++) {
-        /* (K,J) = (K,D) @ (J,D)^T */
-        cribo_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)K, (int)J, (int)D,
-                    1.0f, w->mu, (int)D, w->zn, (int)D, 0.0f, w->s, (int)J);
+        if (it > 0) {
+            similarity(w, J, K);
+        }
         if (use_dist) {
             positional_cost(w, J, K);
         }
@@ -474,7 +522,6 @@ static void cluster_image(int64_t *labels, int64_t *counts, float *plan,
                 w->c[k] = ((double)w->cnt[k] + 0.01) / tot;
             }
         }
-        update_centroids(w, J, D, K);
     }
 
     memset(counts, 0, (size_t)(2 * K) * sizeof(int64_t));
