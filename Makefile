@@ -1,37 +1,41 @@
 # Two commands do all the set-up on a machine with nothing but Python 3.9+ and a C
 # compiler; each installs what it needs, idempotently, into .venv:
-#   make demo    the C operators on a drawn scene (cluster maps, one object-level step)
-#   make test    the test suite (CI runs exactly this)
-# Also: make bench (benchmarks/ at the reference sizes), make clean.
+#   make demo      the C operators on a drawn scene (cluster maps, one object-level step)
+#   make test      the test suite (CI runs exactly this)
+# Also: make pretrain (the CPU preset, ~10 min on 2 cores), make bench (benchmarks/),
+# make test-all (including tests marked slow), make clean.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
-# torch is only for the tests' autograd cross-checks and the benchmarks' baselines.
-# The pinned CPU build is installed first so nothing pulls a CUDA build.
+# The pinned CPU build of torch is installed before cribo, so that cribo's own
+# `torch` requirement is already met and nothing pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo pretrain test test-all bench clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "setuptools>=77" wheel "numpy>=2.0" "scipy-openblas32>=0.3.27"
+	$(PIP) install -q $(TORCH)
 	touch $@
 
 # The extension is rebuilt whenever a C file or the build description changes.
 $(VENV)/.cribo: $(VENV)/.base setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h)
-	$(PIP) install -q --no-build-isolation -e .
+	$(PIP) install -q --no-build-isolation -e ".[torch]"
 	touch $@
 
 $(VENV)/.testdeps: $(VENV)/.base
-	$(PIP) install -q $(TORCH)
 	$(PIP) install -q "pytest>=7" "hypothesis>=6" "threadpoolctl>=3"
 	touch $@
 
 demo: $(VENV)/.cribo
 	$(VENV)/bin/cribo demo
+
+pretrain: $(VENV)/.cribo
+	$(VENV)/bin/cribo pretrain
 
 # CI's short run: everything but the tests marked slow.
 test: $(VENV)/.cribo $(VENV)/.testdeps

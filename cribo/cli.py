@@ -1,5 +1,6 @@
 """The ``cribo`` command line (also ``python -m cribo``).
 
+    cribo pretrain [options]                             CrIBo pretraining (--help)
     cribo demo [--seed S] [--clusters K] [--threads T]   tour of the C operators
     cribo info                                           versions, threads, BLAS
 """
@@ -15,6 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cribo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("pretrain", help="pretrain a ViT with CrIBo (cribo pretrain --help)",
+                   add_help=False)
     d = sub.add_parser("demo", help="cluster two views of a drawn scene and run one "
                                     "object-level step with the C operators")
     d.add_argument("--seed", type=int, default=0, help="scene and initialisation seed")
@@ -25,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "pretrain":
+        from .train import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     args = _parser().parse_args(argv)
     import cribo
 

@@ -25,7 +25,7 @@ processes with batch b compute what one process with batch P*b computes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +36,13 @@ from .clustering import cluster
 from .losses import cribo_losses
 from .pooling import pool, pool_backward
 
-__all__ = ["CriboObjective", "ObjectiveOutput", "pool_tokens", "image_seeds"]
+__all__ = ["CriboObjective", "CriboStudent", "ObjectiveOutput", "pool_tokens",
+           "student_logits", "image_seeds"]
+
+#: What the objective asks of the student: given the teacher's cluster labels
+#: (B, 2, N) and valid clusters (B, K), the student's global logits (2, B, L) and
+#: object logits (2, M, L) of the M valid objects, computed with gradient.
+StudentFn = Callable[[np.ndarray, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -68,6 +74,52 @@ class _Pool(torch.autograd.Function):
 def pool_tokens(tokens: torch.Tensor, labels: np.ndarray, n_clusters: int) -> torch.Tensor:
     """Differentiable :func:`cribo.pool`: (B, 2, N, d) tokens -> (B, 2, K, d) objects."""
     return _Pool.apply(tokens, labels, n_clusters)
+
+
+def student_logits(cls: torch.Tensor, tokens: torch.Tensor, head: nn.Module,
+                   labels: np.ndarray, valid: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The student's side of the objective, with gradient.
+
+    Args:
+        cls: (B, 2, d) CLS outputs [image, view].
+        tokens: (B, 2, N, d) final patch tokens.
+        head: a module with ``forward_global`` and ``forward_objects``.
+        labels: (B, 2, N) the teacher's cluster labels.
+        valid: (B, K) clusters present in both views.
+
+    Returns:
+        Global logits (2, B, L) and object logits (2, M, L), M = valid.sum().
+    """
+    B, _, _, d = tokens.shape
+    K = valid.shape[1]
+    objects = pool_tokens(tokens, labels, K)
+    vmask = torch.from_numpy(valid).to(objects.device)
+    o1, o2 = objects[:, 0][vmask], objects[:, 1][vmask]
+    g = head.forward_global(cls.transpose(0, 1).reshape(2 * B, d))
+    o = head.forward_objects(torch.cat([o1, o2]))
+    return g.reshape(2, B, -1), o.reshape(2, o1.shape[0], -1)
+
+
+class CriboStudent(nn.Module):
+    """Backbone and head as one module, so that DDP sees the whole student in one
+    ``forward`` (the teacher's clustering, which the student's pooling needs, is
+    done before it is called).
+
+    ``forward(images, labels, valid)``: images (B, 2, 3, H, W) -> global logits
+    (2, B, L) and object logits (2, M, L).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor, labels: np.ndarray,
+                valid: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        B = images.shape[0]
+        cls, tokens = self.backbone(images.flatten(0, 1))
+        return student_logits(cls.view(B, 2, -1), tokens.view(B, 2, tokens.shape[1], -1),
+                              self.head, labels, valid)
 
 
 class _Losses(torch.autograd.Function):
@@ -112,7 +164,7 @@ class ObjectiveOutput:
         loss: scalar tensor to call ``backward()`` on (the weighted total).
         terms: the unweighted terms ``global``, ``objects``, ``neighbours`` and the
             weighted ``total`` (floats; over all processes in a distributed run).
-        stats: ``objects_per_image`` (valid clusters per image), ``objects`` (M),
+        stats: ``objects_per_image`` (valid clusters per image), ``n_objects`` (M),
             ``consistent`` (fraction of look-ups that passed the cycle check),
             ``queue_images``.
         labels: (B, 2, N) int64 cluster labels of this process's images.
@@ -171,8 +223,9 @@ class CriboObjective(nn.Module):
 
     Example:
         >>> obj = CriboObjective(out_dim=4096, embed_dim=192, n_clusters=16, queue_size=512)
-        >>> out = obj(s_cls, s_tok, t_cls, t_tok, positions, s_head, t_head,
-        ...           image_ids=ids, step=it, teacher_temp=0.04)
+        >>> student = CriboStudent(backbone, head)
+        >>> out = obj(lambda l, v: student(images, l, v), t_cls, t_tok, positions,
+        ...           t_head, image_ids=ids, step=it, teacher_temp=0.04)
         >>> out.loss.backward()
     """
 
@@ -199,16 +252,21 @@ class CriboObjective(nn.Module):
         self.register_buffer("center_global", torch.zeros(out_dim))
         self.register_buffer("center_objects", torch.zeros(out_dim_objects or out_dim))
 
-    # The queue is checkpointed with the module.
+    # The queue is checkpointed with the module, as tensors, so that checkpoints
+    # load with torch.load(weights_only=True).
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"queue": self.queue.state_dict()}
+        q = self.queue.state_dict()
+        return {"queue": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                          for k, v in q.items()}}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
-        self.queue.load_state_dict(state["queue"])
+        q = state["queue"]
+        self.queue.load_state_dict({k: v.numpy() if torch.is_tensor(v) else v
+                                    for k, v in q.items()})
 
-    def forward(self, student_cls: torch.Tensor, student_tokens: torch.Tensor,
-                teacher_cls: torch.Tensor, teacher_tokens: torch.Tensor, positions: Any,
-                student_head: nn.Module, teacher_head: nn.Module, *, image_ids: Any = None,
+    def forward(self, student: StudentFn, teacher_cls: torch.Tensor,
+                teacher_tokens: torch.Tensor, positions: Any, teacher_head: nn.Module, *,
+                image_ids: Any = None,
                 step: int = 0, teacher_temp: float = 0.07,
                 teacher_temp_objects: Optional[float] = None,
                 pos_weight: Optional[float] = None,
@@ -216,13 +274,17 @@ class CriboObjective(nn.Module):
         """One step of the objective.
 
         Args:
-            student_cls, teacher_cls: (B, 2, d) CLS outputs [image, view].
-            student_tokens, teacher_tokens: (B, 2, N, d) final patch tokens (after
+            student: called as ``student(labels, valid)`` once the teacher's side is
+                done; returns the student's global logits (2, B, L) and object
+                logits (2, M, L) with gradient -- e.g. a :class:`CriboStudent`
+                (``lambda l, v: model(images, l, v)``) or :func:`student_logits`.
+            teacher_cls: (B, 2, d) the teacher's CLS outputs [image, view].
+            teacher_tokens: (B, 2, N, d) the teacher's final patch tokens (after
                 the backbone's last LayerNorm).  Run the backbone on the views
                 interleaved image by image ([img0 view1, img0 view2, img1 view1,
                 ...]) and ``view(B, 2, N, d)`` costs nothing.
             positions: (B, 2, N, 2) patch centres in the original image frame.
-            student_head, teacher_head: modules with ``forward_global(x)`` and
+            teacher_head: module with ``forward_global(x)`` and
                 ``forward_objects(x)``, (R, d) -> (R, L).
             image_ids: (B,) source image ids (seed the clustering per image and keep
                 an object from matching its own copy in the queue).
@@ -253,13 +315,10 @@ class CriboObjective(nn.Module):
         valid = c.valid
         counts = valid.sum(1)
 
-        # 2. Objects: teacher (no gradient) and student (gradient through C pooling).
+        # 2. The teacher's objects (the student's are pooled in student()).
         t_obj = pool(t_tok, c.labels, K)
         t1 = np.ascontiguousarray(t_obj[:, 0][valid])
         t2 = np.ascontiguousarray(t_obj[:, 1][valid])
-        s_obj = pool_tokens(student_tokens, c.labels, K)
-        vmask = torch.from_numpy(valid).to(s_obj.device)
-        s1, s2 = s_obj[:, 0][vmask], s_obj[:, 1][vmask]
         M = t1.shape[0]
         obj_ids = np.repeat(ids, counts)
 
@@ -276,10 +335,10 @@ class CriboObjective(nn.Module):
             match = self.queue.match(t1, t2, obj_ids)
             self.queue.push(t1, t2, counts, image_ids=ids)
 
-        # 4. Heads.
-        dev = student_cls.device
-        sg = student_head.forward_global(student_cls.transpose(0, 1).reshape(2 * B, d))
-        so = student_head.forward_objects(torch.cat([s1, s2]))
+        # 4. Heads: the student's (with gradient), the teacher's on its objects and
+        #    on the retrieved neighbours.
+        dev = teacher_tokens.device
+        sg, so = student(c.labels, valid)
         L = sg.shape[-1]
         with torch.no_grad():
             tg = teacher_head.forward_global(teacher_cls.transpose(0, 1).reshape(2 * B, d))
@@ -309,8 +368,7 @@ class CriboObjective(nn.Module):
                       center_momentum=self.center_momentum, denominators=den)
         # DDP averages gradients over processes; each process holds a share of the
         # global loss, so its gradient is scaled by the world size to sum instead.
-        loss = _Losses.apply(sg.reshape(2, B, L), so.reshape(2, M, -1), kwargs, holder,
-                             float(world))
+        loss = _Losses.apply(sg, so, kwargs, holder, float(world))
         res = holder["result"]
         self._update_centers(res, tg, to, distributed)
 
@@ -325,7 +383,7 @@ class CriboObjective(nn.Module):
             torch.distributed.all_reduce(vec)
             terms = dict(zip(("global", "objects", "neighbours", "total"), vec[:4].tolist()))
             consistent, n_lookups = float(vec[4]), int(vec[5])
-        stats = {"objects_per_image": float(counts.mean()), "objects": float(M),
+        stats = {"objects_per_image": float(counts.mean()), "n_objects": float(M),
                  "consistent": consistent / n_lookups if n_lookups else 0.0,
                  "queue_images": float(len(self.queue))}
         return ObjectiveOutput(loss=loss, terms=terms, stats=stats, labels=c.labels,

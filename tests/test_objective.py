@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 import cribo  # noqa: E402
-from cribo.objective import CriboObjective, image_seeds  # noqa: E402
+from cribo.objective import CriboObjective, image_seeds, student_logits  # noqa: E402
 
 B, N, D, L, K, P = 4, 9, 12, 24, 4, 5
 
@@ -103,8 +103,8 @@ def test_objective_matches_plain_autograd(weights):
         s_cls, s_tok = s_bb(x)
         with torch.no_grad():
             t_cls, t_tok = t_bb(x)
-        out = obj(s_cls, s_tok, t_cls, t_tok, pos, s_head, t_head, image_ids=ids, step=step,
-                  teacher_temp=tau_t)
+        out = obj(lambda lab, val: student_logits(s_cls, s_tok, s_head, lab, val),
+                  t_cls, t_tok, pos, t_head, image_ids=ids, step=step, teacher_temp=tau_t)
         params = list(s_bb.parameters()) + list(s_head.parameters())
         g_c = torch.autograd.grad(out.loss, params)
 

@@ -1,0 +1,170 @@
+"""cribo pretrain end to end: a short run, resume equality, two gloo processes
+against one, checkpoints that load, configuration errors, a non-finite stop."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cribo  # noqa: E402
+from cribo.config import config_from_args  # noqa: E402
+from cribo.train import NonFiniteLoss, train  # noqa: E402
+
+TINY = ["--n-images", "48", "--scene-size", "48", "--img-size", "32", "--patch-size", "8",
+        "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--out-dim", "64",
+        "--head-hidden-dim", "64", "--head-bottleneck-dim", "32", "--n-clusters", "6",
+        "--queue-size", "40", "--num-workers", "0", "--no-progress", "--threads", "1",
+        "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "1", "--log-every", "1"]
+
+
+def cfg_for(tmp_path, *extra, name="run"):
+    return config_from_args(TINY + ["--output-dir", str(tmp_path / name)] + list(extra))
+
+
+def params(path):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return ck["student"], ck
+
+
+def test_short_run_writes_checkpoints_logs_and_learns_something(tmp_path):
+    cfg = cfg_for(tmp_path, "--epochs", "2", "--batch-size", "8")
+    out = train(cfg)
+    d = tmp_path / "run"
+    for f in ("checkpoint.pth", "teacher_backbone.pth", "log.jsonl", "config.json"):
+        assert (d / f).exists(), f
+    records = [json.loads(line) for line in open(d / "log.jsonl")]
+    assert records[0]["type"] == "run" and records[0]["config"]["epochs"] == 2
+    assert "git" in records[0] and records[0]["torch"] == torch.__version__
+    iters = [r for r in records if r["type"] == "iter"]
+    assert len(iters) == 2 * (48 // 8)
+    assert all(np.isfinite(r["loss_total"]) for r in iters)
+    assert iters[0]["loss_neighbours"] == 0.0  # the cross-image term starts at epoch 1
+    assert any(r["loss_neighbours"] > 0 for r in iters if r["epoch"] == 1)
+    assert len(out["history"]) == 2
+    # The checkpoint holds everything needed to continue.
+    _, ck = params(d / "checkpoint.pth")
+    for key in ("student", "teacher", "optimizer", "objective", "epoch", "iteration", "rng"):
+        assert key in ck
+    assert ck["epoch"] == 2 and ck["iteration"] == 12
+    # The teacher backbone loads through cribo.models like a published checkpoint.
+    from cribo.models import load_pretrained
+
+    model, report = load_pretrained(str(d / "teacher_backbone.pth"), num_heads=2)
+    assert not report.missing and not report.unexpected
+    model2, report2 = load_pretrained(str(d / "checkpoint.pth"), key="teacher", num_heads=2)
+    assert not report2.missing
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x)[1], model2(x)[1])
+
+
+def test_resume_after_interruption_ends_with_the_same_parameters(tmp_path):
+    full = cfg_for(tmp_path, "--epochs", "3", "--batch-size", "8", name="full")
+    train(full)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(epoch, stats):
+        if epoch == 0:
+            raise Interrupt
+
+    part = cfg_for(tmp_path, "--epochs", "3", "--batch-size", "8", name="part")
+    with pytest.raises(Interrupt):
+        train(part, on_epoch_end=stop_after_first)
+    resumed = cfg_for(tmp_path, "--epochs", "3", "--batch-size", "8", "--resume", name="part")
+    train(resumed)
+    a, ca = params(tmp_path / "full" / "checkpoint.pth")
+    b, cb = params(tmp_path / "part" / "checkpoint.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    for k in ca["teacher"]:
+        torch.testing.assert_close(ca["teacher"][k], cb["teacher"][k], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(ca["objective"]["center_objects"],
+                               cb["objective"]["center_objects"], rtol=0, atol=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path):
+    common = ["--epochs", "2", "--drop-path", "0", "--n-images", "32"]
+    one = cfg_for(tmp_path, *common, "--batch-size", "8", name="one")
+    train(one)
+    port = _free_port()
+    argv = TINY + common + ["--batch-size", "4", "--output-dir", str(tmp_path / "two")]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CRIBO_NUM_THREADS="1",
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "cribo", "pretrain", *argv],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o
+    a, _ = params(tmp_path / "one" / "checkpoint.pth")
+    b, _ = params(tmp_path / "two" / "checkpoint.pth")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=2e-4, atol=2e-5, msg=k)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, "--epochs", "2", "--batch-size", "8")
+    from cribo import objective as objective_mod
+
+    original = objective_mod.CriboObjective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 9:  # in the second epoch (6 steps per epoch)
+            out.terms["total"] = float("nan")
+        return out
+
+    monkeypatch.setattr(objective_mod.CriboObjective, "forward", poisoned)
+    with pytest.raises(NonFiniteLoss, match="last checkpoint"):
+        train(cfg)
+    _, ck = params(tmp_path / "run" / "checkpoint.pth")
+    assert ck["epoch"] == 1  # the epoch-1 checkpoint, untouched
+
+
+def test_config_file_and_unknown_options(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('epochs = 7\nn_clusters = 5\nw_neighbours = 0.0\n')
+    cfg = config_from_args(["--config", str(toml), "--epochs", "9"])
+    assert cfg.epochs == 9 and cfg.n_clusters == 5 and cfg.w_neighbours == 0.0  # flags win
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epoch = 3\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['epoch'\]"):
+        config_from_args(["--config", str(bad)])
+    with pytest.raises(SystemExit):
+        config_from_args(["--no-such-flag"])
+    with pytest.raises(ValueError, match="n_clusters must be in"):
+        config_from_args(["--n-clusters", "1000"])
+    with pytest.raises(FileNotFoundError, match="missing.toml"):
+        config_from_args(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "-m", "cribo", "pretrain", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    from dataclasses import fields
+
+    from cribo.config import TrainConfig
+
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in out.stdout, f.name
