@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -117,9 +119,22 @@ class CriboStudent(nn.Module):
     def forward(self, images: torch.Tensor, labels: np.ndarray,
                 valid: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         B = images.shape[0]
+        t0 = time.perf_counter()
         cls, tokens = self.backbone(images.flatten(0, 1))
-        return student_logits(cls.view(B, 2, -1), tokens.view(B, 2, tokens.shape[1], -1),
-                              self.head, labels, valid)
+        t1 = time.perf_counter()
+        out = student_logits(cls.view(B, 2, -1), tokens.view(B, 2, tokens.shape[1], -1),
+                             self.head, labels, valid)
+        t2 = time.perf_counter()
+        # Wall-clock split for the step profile; the backward pass stamps the moment
+        # the gradient reaches the backbone's output (heads + pooling done).
+        self.timings = {"student_backbone_forward": t1 - t0, "student_heads_forward": t2 - t1}
+        if tokens.requires_grad:
+            tokens.register_hook(self._stamp)
+        return out
+
+    def _stamp(self, grad: torch.Tensor) -> torch.Tensor:
+        self.timings["backbone_grad_ready"] = time.perf_counter()
+        return grad
 
 
 class _Losses(torch.autograd.Function):
@@ -169,6 +184,9 @@ class ObjectiveOutput:
             ``queue_images``.
         labels: (B, 2, N) int64 cluster labels of this process's images.
         valid: (B, K) bool valid clusters.
+        extra: ``match``, the queue look-up (:class:`cribo.Match`).
+        timings: wall-clock seconds of this call's parts (clustering, pooling,
+            queue, student_forward, teacher_heads, losses).
     """
 
     loss: torch.Tensor
@@ -177,6 +195,7 @@ class ObjectiveOutput:
     labels: np.ndarray
     valid: np.ndarray
     extra: Dict[str, Any] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
 
 
 def _dist() -> Tuple[bool, int, int]:
@@ -306,6 +325,9 @@ class CriboObjective(nn.Module):
                (image_ids.detach().cpu().numpy() if torch.is_tensor(image_ids)
                 else np.asarray(image_ids))).astype(np.int64)
 
+        tick = time.perf_counter
+        timings: Dict[str, float] = {}
+        t = tick()
         # 1. Joint-space clustering of the teacher's tokens.
         t_tok = _host(teacher_tokens)
         c = cluster(t_tok, pos, K, pos_weight=self.pos_weight if pos_weight is None
@@ -314,6 +336,7 @@ class CriboObjective(nn.Module):
                     seed=image_seeds(self.seed, step, ids))
         valid = c.valid
         counts = valid.sum(1)
+        timings["clustering"], t = tick() - t, tick()
 
         # 2. The teacher's objects (the student's are pooled in student()).
         t_obj = pool(t_tok, c.labels, K)
@@ -321,6 +344,7 @@ class CriboObjective(nn.Module):
         t2 = np.ascontiguousarray(t_obj[:, 1][valid])
         M = t1.shape[0]
         obj_ids = np.repeat(ids, counts)
+        timings["pooling"], t = tick() - t, tick()
 
         # 3. Queue: look up, then push (the batch is never matched against itself).
         if distributed:
@@ -334,11 +358,13 @@ class CriboObjective(nn.Module):
         else:
             match = self.queue.match(t1, t2, obj_ids)
             self.queue.push(t1, t2, counts, image_ids=ids)
+        timings["queue"], t = tick() - t, tick()
 
         # 4. Heads: the student's (with gradient), the teacher's on its objects and
         #    on the retrieved neighbours.
         dev = teacher_tokens.device
         sg, so = student(c.labels, valid)
+        timings["student_forward"], t = tick() - t, tick()
         L = sg.shape[-1]
         with torch.no_grad():
             tg = teacher_head.forward_global(teacher_cls.transpose(0, 1).reshape(2 * B, d))
@@ -349,6 +375,7 @@ class CriboObjective(nn.Module):
                 targets = torch.from_numpy(np.concatenate([match.targets1, match.targets2]))
                 tn = _host(teacher_head.forward_objects(targets.to(dev))).reshape(2, M, -1)
 
+        timings["teacher_heads"], t = tick() - t, tick()
         # 5. Losses with the fused C gradient; centres.
         Z = (int(match.mask1.sum()), int(match.mask2.sum()))
         den = None
@@ -371,6 +398,7 @@ class CriboObjective(nn.Module):
         loss = _Losses.apply(sg, so, kwargs, holder, float(world))
         res = holder["result"]
         self._update_centers(res, tg, to, distributed)
+        timings["losses"] = tick() - t
 
         terms = {"global": res.global_, "objects": res.objects, "neighbours": res.neighbours,
                  "total": res.total}
@@ -387,7 +415,7 @@ class CriboObjective(nn.Module):
                  "consistent": consistent / n_lookups if n_lookups else 0.0,
                  "queue_images": float(len(self.queue))}
         return ObjectiveOutput(loss=loss, terms=terms, stats=stats, labels=c.labels,
-                               valid=valid, extra={"match": match})
+                               valid=valid, extra={"match": match}, timings=timings)
 
     @torch.no_grad()
     def _update_centers(self, res: Any, tg: torch.Tensor, to: torch.Tensor,

@@ -176,8 +176,12 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
                    dynamic_ncols=True)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
     t0 = time.time()
+    tick = time.perf_counter
+    t_data = tick()
     for i, batch in enumerate(loader):
         it = start_iter + i
+        timings = {"data": tick() - t_data}
+        t = tick()
         for j, group in enumerate(optimizer.param_groups):
             group["lr"] = float(schedules["lr"][it])
             if j == 0:
@@ -191,6 +195,7 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
             t_cls, t_tok = teacher.backbone(images.flatten(0, 1))
         t_cls = t_cls.float().view(B, 2, -1)
         t_tok = t_tok.float().view(B, 2, t_tok.shape[1], -1)
+        timings["teacher_backbone_forward"] = tick() - t
 
         def student_fn(labels: np.ndarray, valid: np.ndarray):
             with amp:
@@ -208,7 +213,12 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
                 f"left intact; try a lower --lr, --clip-grad or a higher --teacher-temp.")
 
         optimizer.zero_grad(set_to_none=True)
+        t = tick()
         out.loss.backward()
+        t_back = tick()
+        ready = getattr(raw_student, "timings", {}).get("backbone_grad_ready", t)
+        timings["heads_backward"] = max(ready - t, 0.0)
+        timings["backbone_backward"] = max(t_back - max(ready, t), 0.0)
         if cfg.clip_grad > 0:
             _clip_gradients(raw_student, cfg.clip_grad)
         if epoch < cfg.freeze_last_layer:
@@ -220,6 +230,13 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
             m = float(schedules["momentum"][it])
             for ps, pt in zip(raw_student.parameters(), teacher.parameters()):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+        timings["optimizer_ema"] = tick() - t_back
+        timings.update(out.timings)
+        st = getattr(raw_student, "timings", {})
+        for key in ("student_backbone_forward", "student_heads_forward"):
+            if key in st:
+                timings[key] = st[key]
+        timings["step"] = tick() - t_data - timings["data"]
 
         for k, v in {**out.terms, **out.stats}.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -235,9 +252,11 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
                    "teacher_temp": float(schedules["teacher_temp"][it]),
                    "pos_weight": float(schedules["pos_weight"][it]),
                    **{f"loss_{k}": v for k, v in out.terms.items()}, **out.stats,
+                   **{f"t_{k}": round(v, 6) for k, v in timings.items()},
                    "time": time.time() - t0}
             log.write(json.dumps(rec) + "\n")
             log.flush()
+        t_data = tick()
     if bar is not None:
         bar.close()
     return {k: v / max(n_iter, 1) for k, v in sums.items()}
