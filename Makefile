@@ -24,7 +24,7 @@ $(VENV)/.base:
 
 # The extension is rebuilt whenever a C file or the build description changes.
 $(VENV)/.cribo: $(VENV)/.base setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h)
-	$(PIP) install -q --no-build-isolation -e ".[torch]"
+	$(PIP) install -q --no-build-isolation -e ".[torch,plot]"
 	touch $@
 
 $(VENV)/.testdeps: $(VENV)/.base
