@@ -89,6 +89,12 @@ class TrainConfig:
     warmup_teacher_temp_epochs: int = _opt(5, "epochs of the teacher temperature warm-up "
                                            "(30 in the reference)")
     center_momentum: float = _opt(0.9, "centre EMA momentum")
+    # ------------------------------------------------------------------ after training
+    evaluate: bool = _opt(True, "after training on the synthetic scenes, evaluate the teacher "
+                          "against its untrained start and write output_dir/report/")
+    eval_train_images: int = _opt(200, "synthetic scenes in the dense-retrieval memory bank")
+    eval_val_images: int = _opt(100, "synthetic validation scenes")
+    eval_k: int = _opt(30, "neighbours per patch in the dense retrieval")
 
     @property
     def weights(self) -> tuple:
@@ -106,7 +112,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                       out_dim=65536, head_hidden_dim=2048, n_clusters=64, queue_size=25000,
                       epochs=300, batch_size=256, warmup_epochs=10,
                       warmup_teacher_temp_epochs=30, data="", scene_size=256, num_workers=8,
-                      amp=True, n_images=100000),
+                      amp=True, n_images=100000, evaluate=False),
 }
 
 

@@ -467,6 +467,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if h:
             print(f"done in {summary['seconds']:.0f} s: loss {h[0]['total']:.4f} (first epoch) "
                   f"-> {h[-1]['total']:.4f} (last); checkpoint {summary['checkpoint']}")
+        if cfg.evaluate and cfg.data == "synthetic":
+            from .pipeline import evaluate_and_report
+
+            res = evaluate_and_report(cfg, summary)
+            m = res["metrics"]
+            for name in ("retrieval mIoU", "retrieval fg/bg IoU", "linear probe mIoU"):
+                e = m[name]
+                lo, hi = e["delta_ci"]
+                print(f"{name}: {100 * e['value']:.1f} (untrained {100 * e['floor']:.1f}; "
+                      f"gain 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}])")
+            print(f"report: {os.path.join(res['report_dir'], 'report.html')}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
