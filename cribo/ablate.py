@@ -1,0 +1,160 @@
+"""``cribo ablate``: named CrIBo variants over several seeds at equal compute.
+
+Every variant trains with the same preset, epochs, batch and data (so the same
+number of steps on the same images), then is evaluated with the same dense
+retrieval and linear probe as the main job; the untrained network of each seed
+is the floor.  Writes ``<output_dir>/ablation.md`` (mean ± std over seeds),
+``ablation.json`` and ``ablation.png``.
+
+    cribo ablate                                   # the default variants, 3 seeds
+    cribo ablate --variants full,global_only --seeds 0 1 2 3 -- --epochs 6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["VARIANTS", "run_ablation", "main"]
+
+#: Variant name -> `cribo pretrain` flags on top of the common ones.
+VARIANTS: Dict[str, List[str]] = {
+    "full": [],
+    "no_cross_image": ["--w-neighbours", "0"],
+    "global_only": ["--w-objects", "0", "--w-neighbours", "0"],
+    "no_positional": ["--pos-weight-start", "0", "--pos-weight-end", "0"],
+    "K8": ["--n-clusters", "8"],
+    "K32": ["--n-clusters", "32"],
+    "queue256": ["--queue-size", "256"],
+    "queue4096": ["--queue-size", "4096"],
+}
+DEFAULT_VARIANTS = ["full", "no_cross_image", "global_only", "no_positional"]
+
+
+def _metrics(res: Any, probe: Any) -> Dict[str, float]:
+    return {"retrieval_miou": res.miou, "retrieval_fg_iou": res.fg_iou,
+            "probe_miou": probe.miou, "probe_fg_iou": probe.fg_iou}
+
+
+def run_ablation(variants: Sequence[str], seeds: Sequence[int], output_dir: str,
+                 extra: Sequence[str] = ()) -> Dict[str, Any]:
+    """Trains and evaluates every (variant, seed); returns and writes the table."""
+    from .config import config_from_args
+    from .evaluate import dense_evaluation, random_init_like
+    from .pipeline import _teacher_backbone, eval_datasets
+    from .train import train
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"cribo ablate: unknown variant(s) {unknown}; choose from "
+                         f"{sorted(VARIANTS)}")
+    os.makedirs(output_dir, exist_ok=True)
+    rows: Dict[str, Dict[int, Dict[str, float]]] = {}
+    floors: Dict[int, Dict[str, float]] = {}
+    for seed in seeds:
+        for name in variants:
+            run_dir = os.path.join(output_dir, f"{name}-seed{seed}")
+            cfg = config_from_args(list(extra) + VARIANTS[name] +
+                                   ["--seed", str(seed), "--output-dir", run_dir,
+                                    "--no-evaluate"])
+            done = os.path.join(run_dir, "eval.json")
+            if os.path.exists(done):  # resumable: a finished (variant, seed) is kept
+                rows.setdefault(name, {})[seed] = json.load(open(done))
+                continue
+            print(f"== {name}, seed {seed}", flush=True)
+            train(cfg)
+            train_set, val_set = eval_datasets(cfg)
+            kw = dict(k=cfg.eval_k, image_size=cfg.scene_size, seed=cfg.seed,
+                      progress=cfg.progress, keep_predictions=0)
+            backbone = _teacher_backbone(cfg)
+            m = _metrics(*dense_evaluation(backbone, train_set, val_set, **kw))
+            json.dump(m, open(done, "w"))
+            rows.setdefault(name, {})[seed] = m
+            if seed not in floors:
+                floors[seed] = _metrics(*dense_evaluation(random_init_like(backbone, seed),
+                                                          train_set, val_set, **kw))
+    table = _summarise(rows, floors)
+    _write(table, output_dir)
+    return table
+
+
+def _summarise(rows: Dict[str, Dict[int, Dict[str, float]]],
+               floors: Dict[int, Dict[str, float]]) -> Dict[str, Any]:
+    keys = ["retrieval_miou", "retrieval_fg_iou", "probe_miou", "probe_fg_iou"]
+    out: Dict[str, Any] = {"variants": {}, "floor": {}}
+    for name, per_seed in rows.items():
+        out["variants"][name] = {k: {"mean": float(np.mean([m[k] for m in per_seed.values()])),
+                                     "std": float(np.std([m[k] for m in per_seed.values()])),
+                                     "seeds": {str(s): m[k] for s, m in per_seed.items()}}
+                                 for k in keys}
+    if floors:
+        out["floor"] = {k: {"mean": float(np.mean([m[k] for m in floors.values()])),
+                            "std": float(np.std([m[k] for m in floors.values()]))}
+                        for k in keys}
+    return out
+
+
+def _write(table: Dict[str, Any], output_dir: str) -> None:
+    keys = [("retrieval_miou", "retrieval mIoU"), ("retrieval_fg_iou", "retrieval fg/bg IoU"),
+            ("probe_miou", "probe mIoU"), ("probe_fg_iou", "probe fg/bg IoU")]
+    lines = ["| variant | " + " | ".join(label for _, label in keys) + " |",
+             "|---|" + "---:|" * len(keys)]
+
+    def cell(d: Dict[str, float]) -> str:
+        return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f}"
+
+    for name, m in table["variants"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(m[k]) for k, _ in keys) + " |")
+    if table["floor"]:
+        lines.append("| untrained floor | " + " | ".join(cell(table["floor"][k])
+                                                       for k, _ in keys) + " |")
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(output_dir, "ablation.md"), "w") as fh:
+        fh.write(md)
+    with open(os.path.join(output_dir, "ablation.json"), "w") as fh:
+        json.dump(table, fh, indent=2)
+    print(md)
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    names = list(table["variants"])
+    fig = Figure(figsize=(2 + 1.2 * len(names), 3.2), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(names))
+    for j, (k, label) in enumerate(keys[:2] + keys[2:3]):
+        means = [100 * table["variants"][n][k]["mean"] for n in names]
+        stds = [100 * table["variants"][n][k]["std"] for n in names]
+        ax.bar(x + (j - 1) * 0.27, means, 0.27, yerr=stds, label=label, capsize=2)
+        if table["floor"]:
+            ax.axhline(100 * table["floor"][k]["mean"], color=f"C{j}", ls=":", lw=1)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=20, ha="right")
+    ax.set_ylabel("score (%)")
+    ax.set_title("Ablation (mean ± std over seeds; dotted: untrained floor)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "ablation.png"))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: List[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(prog="cribo ablate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated names from {sorted(VARIANTS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--output-dir", default="runs/ablation", help="folder of runs and tables")
+    args = p.parse_args(argv)
+    run_ablation([v for v in args.variants.split(",") if v], args.seeds, args.output_dir,
+                 extra)
+    return 0
