@@ -28,7 +28,7 @@ $(VENV)/.cribo: $(VENV)/.base setup.py pyproject.toml $(wildcard csrc/*.c csrc/*
 	touch $@
 
 $(VENV)/.testdeps: $(VENV)/.base
-	$(PIP) install -q "pytest>=7" "hypothesis>=6" "threadpoolctl>=3"
+	$(PIP) install -q "pytest>=7" "hypothesis>=6" "threadpoolctl>=3" nbformat nbclient ipykernel
 	touch $@
 
 demo: $(VENV)/.cribo

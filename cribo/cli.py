@@ -1,6 +1,8 @@
 """The ``cribo`` command line (also ``python -m cribo``).
 
     cribo pretrain [options]                             CrIBo pretraining (--help)
+    cribo evaluate --checkpoint PATH [options]           dense NN retrieval / probe mIoU (--help)
+    cribo ablate [options] [-- pretrain flags]           variants x seeds (--help)
     cribo demo [--seed S] [--clusters K] [--threads T]   tour of the C operators
     cribo info                                           versions, threads, BLAS
 """
@@ -18,6 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("pretrain", help="pretrain a ViT with CrIBo (cribo pretrain --help)",
                    add_help=False)
+    sub.add_parser("ablate", help="CrIBo variants over seeds at equal compute "
+                                  "(cribo ablate --help)", add_help=False)
+    sub.add_parser("evaluate", help="dense evaluation of a checkpoint (cribo evaluate --help)",
+                   add_help=False)
     d = sub.add_parser("demo", help="cluster two views of a drawn scene and run one "
                                     "object-level step with the C operators")
     d.add_argument("--seed", type=int, default=0, help="scene and initialisation seed")
@@ -33,6 +39,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .train import main as pretrain_main
 
         return pretrain_main(argv[1:])
+    if argv and argv[0] == "ablate":
+        from .ablate import main as ablate_main
+
+        return ablate_main(argv[1:])
+    if argv and argv[0] == "evaluate":
+        from .evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     args = _parser().parse_args(argv)
     import cribo
 
