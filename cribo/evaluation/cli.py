@@ -1,0 +1,280 @@
+"""``cribo evaluate``: dense NN retrieval and linear-probe mIoU of a checkpoint.
+
+Evaluates the checkpoint and (by default) the untrained-network floor -- a
+freshly initialised ViT of the same architecture -- on the same bank and the
+same validation images, prints a table, per-class IoUs and paired-bootstrap
+intervals of the differences, and writes everything to a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser(prog: str = "cribo evaluate") -> argparse.ArgumentParser:
+    """The argument parser of ``cribo evaluate``."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__, allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    B = argparse.BooleanOptionalAction
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", required=True,
+                   help="teacher_backbone.pth, checkpoint.pth, a run folder, or a published "
+                        "DINO/CrIBo checkpoint")
+    g.add_argument("--key", default="teacher",
+                   help="entry of a training checkpoint to evaluate (teacher or student)")
+    g.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads when the checkpoint does not record them "
+                        "(default: from config.json beside it, else embed_dim / 64)")
+    g.add_argument("--compare", default=None,
+                   help="a second checkpoint, evaluated the same way and compared by the "
+                        "paired bootstrap")
+    g.add_argument("--floor", action=B, default=True,
+                   help="also evaluate the untrained floor: a fresh ViT of the same "
+                        "architecture (cribo.evaluation.random_init_like)")
+    g.add_argument("--init-seed", type=int, default=None,
+                   help="initialisation seed of the floor (default: the training run's seed, "
+                        "so the floor is the run's own starting point; else --seed)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="'synthetic' (the embedded scenes) or a VOC-style folder "
+                        "(JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)")
+    g.add_argument("--train-split", default="train", help="VOC list of the bank's images")
+    g.add_argument("--val-split", default="val", help="VOC list of the validation images")
+    g.add_argument("--n-train", type=int, default=400,
+                   help="training images for the bank (VOC: the first n of the list; 0: all)")
+    g.add_argument("--n-val", type=int, default=200,
+                   help="validation images (VOC: the first n of the list; 0: all)")
+    g.add_argument("--scene-size", type=int, default=96, help="synthetic scene side, pixels")
+    g.add_argument("--n-classes", type=int, default=6, help="synthetic object classes")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic scenes")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="side of the training views and short side of the validation images, "
+                        "a multiple of the patch size (default: the model's img_size)")
+    g.add_argument("--k", type=int, default=30, help="neighbours per validation patch")
+    g.add_argument("--temperature", type=float, default=0.02,
+                   help="softmax temperature of the neighbour similarities")
+    g.add_argument("--patches-per-image", type=int, default=100,
+                   help="bank cap per training view, rarest classes kept first (0: no cap)")
+    g.add_argument("--augment-passes", type=int, default=2,
+                   help="augmented views (random resized crop + flip) per training image "
+                        "(0: one plain view)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0),
+                   metavar=("LO", "HI"), help="area range of the training views' crops")
+    g.add_argument("--upsample", choices=("bilinear", "nearest"), default="bilinear",
+                   help="how patch scores reach the mask's resolution")
+    g.add_argument("--probe", action=B, default=True, help="also run the linear probe")
+    g.add_argument("--probe-epochs", type=int, default=10, help="linear-probe epochs")
+    g.add_argument("--probe-lr", type=float, default=1e-2, help="linear-probe AdamW learning rate")
+    g.add_argument("--probe-batch-size", type=int, default=1024,
+                   help="linear-probe patches per step")
+    g.add_argument("--probe-balanced", action=B, default=False,
+                   help="weigh the probe's loss by inverse class frequency (rare classes "
+                        "count as much as the background)")
+    g.add_argument("--bootstrap", type=int, default=1000,
+                   help="paired-bootstrap resamples of the validation images (0: none)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the bank's views and sampling, the probe and the bootstrap")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    g.add_argument("--query-chunk", type=int, default=8192,
+                   help="validation patches per top-k search call (bounds memory)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch and the C search (0: leave as is)")
+    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto")
+    g.add_argument("--out", default="evaluation.json", help="JSON file for all results")
+    g.add_argument("--progress", action=B, default=True, help="show progress bars")
+    return p
+
+
+class _First:
+    """The first ``n`` items of a data set (class names kept)."""
+
+    def __init__(self, ds: Any, n: int) -> None:
+        self.ds, self.n = ds, min(n, len(ds)) if n > 0 else len(ds)
+        self.class_names = getattr(ds, "class_names", None)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.ds[i]
+
+
+def _datasets(a: argparse.Namespace) -> Tuple[Any, Any]:
+    from ..data import SyntheticScenes, VOCSegmentation
+
+    if a.data == "synthetic":
+        if a.n_train < 1 or a.n_val < 1:
+            raise SystemExit("cribo evaluate: --n-train and --n-val must be >= 1 for the "
+                             "synthetic scenes")
+        # rendered once and kept (a few MB): every model evaluated reads the same arrays
+        kw = dict(size=a.scene_size, seed=a.data_seed, n_classes=a.n_classes, in_memory=True)
+        return (SyntheticScenes("train", a.n_train, **kw), SyntheticScenes("val", a.n_val, **kw))
+    if not os.path.isdir(a.data):
+        raise SystemExit(f"cribo evaluate: --data must be 'synthetic' or a VOC-style folder; "
+                         f"{a.data!r} is neither")
+    return (_First(VOCSegmentation(a.data, a.train_split), a.n_train),
+            _First(VOCSegmentation(a.data, a.val_split), a.n_val))
+
+
+def _pct(v: Optional[float]) -> str:
+    return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+
+
+def _table(models: Dict[str, Dict[str, Any]]) -> str:
+    cols = [("NN mIoU", "retrieval", "miou"), ("NN fg-IoU", "retrieval", "fg_iou"),
+            ("NN acc", "retrieval", "pixel_acc"), ("probe mIoU", "probe", "miou"),
+            ("probe fg-IoU", "probe", "fg_iou")]
+    w = max(12, *(len(m) for m in models))
+    lines = [f"{'model':<{w}}  " + "  ".join(f"{c[0]:>12}" for c in cols)]
+    for name, r in models.items():
+        cells = [_pct(getattr(r.get(kind), key, None)) if r.get(kind) is not None else "    -"
+                 for _, kind, key in cols]
+        lines.append(f"{name:<{w}}  " + "  ".join(f"{c:>12}" for c in cells))
+    # per-class IoU
+    first = next(iter(models.values()))
+    res = first.get("retrieval") or first.get("probe")
+    heads = [(m, kind) for m in models for kind in ("retrieval", "probe")
+             if models[m].get(kind) is not None]
+    lines.append("")
+    lines.append("per-class IoU (%): " + ", ".join(
+        f"[{i}] {m} {'NN' if kind == 'retrieval' else 'probe'}" for i, (m, kind) in
+        enumerate(heads)))
+    cw = max(len(c) for c in res.class_names)
+    lines.append(f"{'class':<{cw}}  " + "  ".join(f"{f'[{i}]':>7}" for i in range(len(heads))))
+    for c in res.class_names:
+        lines.append(f"{c:<{cw}}  " + "  ".join(
+            f"{_pct(models[m][kind].per_class_iou[c]):>7}" for m, kind in heads))
+    return "\n".join(lines)
+
+
+def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Range checks of the options, before any work (argparse's usage error, exit 2)."""
+    rules = [(a.k >= 1, "--k must be >= 1"), (a.temperature > 0, "--temperature must be > 0"),
+             (a.n_train >= 0 and a.n_val >= 0, "--n-train and --n-val must be >= 0"),
+             (a.patches_per_image >= 0, "--patches-per-image must be >= 0 (0: no cap)"),
+             (a.augment_passes >= 0, "--augment-passes must be >= 0"),
+             (0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+              "--crop-scale must be two numbers 0 < LO <= HI <= 1"),
+             (a.probe_epochs >= 1 and a.probe_lr > 0 and a.probe_batch_size >= 1,
+              "--probe-epochs and --probe-batch-size must be >= 1 and --probe-lr > 0"),
+             (a.bootstrap >= 0, "--bootstrap must be >= 0"),
+             (a.batch_size >= 1 and a.query_chunk >= 1,
+              "--batch-size and --query-chunk must be >= 1"),
+             (a.threads >= 0, "--threads must be >= 0"),
+             (a.image_size is None or a.image_size >= 1, "--image-size must be >= 1")]
+    for ok, msg in rules:
+        if not ok:
+            p.error(msg)
+    for path in (a.checkpoint, a.compare):
+        if path is not None and not os.path.exists(path):
+            p.error(f"no checkpoint at {path}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``cribo evaluate`` (see ``--help``)."""
+    parser = build_parser()
+    a = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    _check(parser, a)
+    import torch
+
+    import cribo
+
+    from .dense import dense_evaluation
+    from .features import class_names_of, load_backbone, random_init_like
+    from .metrics import paired_bootstrap
+
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+        cribo.set_num_threads(a.threads)
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if a.device == "auto" else a.device))
+    train_set, val_set = _datasets(a)
+
+    models: Dict[str, Any] = {"checkpoint": load_backbone(a.checkpoint, key=a.key,
+                                                          num_heads=a.num_heads, verbose=True)}
+    if a.compare:
+        models["compare"] = load_backbone(a.compare, key=a.key, num_heads=a.num_heads,
+                                          verbose=True)
+    init_seed = a.init_seed
+    if init_seed is None:
+        run = models["checkpoint"].training_config or {}
+        init_seed = int(run.get("seed", a.seed))
+    if a.floor:
+        models["random init"] = random_init_like(models["checkpoint"], init_seed)
+    image_size = a.image_size or models["checkpoint"].img_size
+    opts = dict(k=a.k, temperature=a.temperature, image_size=image_size,
+                patches_per_image=a.patches_per_image or None,
+                augment_passes=a.augment_passes, crop_scale=tuple(a.crop_scale),
+                batch_size=a.batch_size, query_chunk=a.query_chunk, upsample=a.upsample,
+                probe=a.probe, probe_epochs=a.probe_epochs, probe_lr=a.probe_lr,
+                probe_batch_size=a.probe_batch_size, probe_balanced=a.probe_balanced,
+                seed=a.seed, device=device, progress=a.progress)
+    print(f"cribo evaluate: {len(train_set)} training images x {max(a.augment_passes, 1)} "
+          f"view(s) for the bank, {len(val_set)} validation images, {image_size} px, "
+          f"{len(class_names_of(val_set))} classes")
+    results: Dict[str, Dict[str, Any]] = {}
+    for name, net in models.items():
+        net.to(device)
+        nn_r, probe_r = dense_evaluation(net, train_set, val_set, **opts)
+        results[name] = {"retrieval": nn_r, "probe": probe_r}
+        r = nn_r or probe_r
+        seed_note = f" (initialisation seed {init_seed})" if name == "random init" else ""
+        print(f"  {name}{seed_note}: bank of {r.bank_size} patches, {r.seconds:.1f} s")
+    print()
+    print(_table(results))
+
+    boot: Dict[str, Dict[str, Any]] = {}
+    if a.bootstrap > 0:
+        others = [m for m in results if m != "checkpoint"]
+        if others:
+            print()
+            print(f"paired bootstrap over {len(val_set)} validation images, {a.bootstrap} "
+                  f"resamples (difference in percentage points, 95% interval):")
+        for other in others:
+            pair = f"checkpoint - {other}"
+            boot[pair] = {}
+            for kind in ("retrieval", "probe"):
+                ra, rb = results["checkpoint"][kind], results[other][kind]
+                if ra is None or rb is None:
+                    continue
+                b = paired_bootstrap(ra, rb, n=a.bootstrap, seed=a.seed)
+                boot[pair][kind] = b.to_dict()
+                label = "NN" if kind == "retrieval" else "probe"
+                print(f"  {pair:<26} {label:>5} mIoU {b.miou}   fg-IoU {b.fg_iou}")
+
+    out = {"type": "evaluation", "time": datetime.datetime.now().isoformat(timespec="seconds"),
+           "cribo": cribo.__version__, "args": vars(a) | {"crop_scale": list(a.crop_scale)},
+           "image_size": image_size, "init_seed": init_seed, "n_train": len(train_set),
+           "n_val": len(val_set),
+           "models": {m: {kind: (r.to_dict() if r is not None else None)
+                          for kind, r in rs.items()} for m, rs in results.items()},
+           "bootstrap": boot}
+    if a.out:
+        d = os.path.dirname(os.path.abspath(a.out))
+        os.makedirs(d, exist_ok=True)
+        with open(a.out, "w") as fh:
+            json.dump(_json_safe(out), fh, indent=2)
+        print(f"\nwrote {a.out}")
+    return 0
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x

@@ -1,0 +1,503 @@
+"""Frozen patch features for dense evaluation: backbones, views, labels, the bank.
+
+* :func:`load_backbone` reads our checkpoints (``teacher_backbone.pth``,
+  ``checkpoint.pth``, or a run folder) and published DINO / CrIBo ones through
+  :func:`cribo.models.load_pretrained`; :func:`random_init_like` gives the
+  untrained-network floor of the same architecture.
+* :func:`eval_size` is the validation resolution rule; :func:`train_view` draws an
+  augmented training view (random resized crop + flip) with its mask.
+* :func:`patch_histograms` labels each patch with its class histogram and
+  :func:`sample_patches` is the per-image cap of the memory bank.
+* :func:`build_bank` runs a backbone over the training images and returns the
+  :class:`Bank` of L2-normalised final patch tokens with their labels.
+
+Feature extraction uses torch; the rest is NumPy.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from ..data.views import Crop, normalize, resized_crop, sample_crop
+from .metrics import IGNORE_INDEX
+
+__all__ = [
+    "load_backbone", "random_init_like", "eval_size", "resize_image", "resize_mask",
+    "train_view", "patch_histograms", "sample_patches", "encode", "Bank", "build_bank",
+    "class_names_of", "patch_size_of",
+]
+
+# Stream tag of the bank's generators, so they never coincide with a data set's
+# own ``default_rng([seed, split, index])`` or the pretraining views'.
+_BANK_STREAM = 0x42616E6B  # "Bank"
+
+
+# =============================================================================
+# backbones
+# =============================================================================
+
+def _config_beside(path: str) -> Optional[Dict[str, Any]]:
+    """The training config saved next to a checkpoint by ``cribo pretrain``, if any."""
+    f = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if not os.path.isfile(f):
+        return None
+    try:
+        with open(f) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    cfg = meta.get("config") if isinstance(meta, dict) else None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _heads_from_config(cfg: Mapping[str, Any]) -> Optional[int]:
+    arch = cfg.get("arch", "custom")
+    if arch == "custom":
+        h = cfg.get("num_heads")
+        return int(h) if isinstance(h, int) else None
+    return {"vit_tiny": 3, "vit_small": 6, "vit_base": 12}.get(arch)
+
+
+def load_backbone(path: str, *, key: str = "teacher", num_heads: Optional[int] = None,
+                  verbose: bool = False):
+    """A ViT backbone from one of our checkpoints or a published one.
+
+    Accepts ``teacher_backbone.pth`` (a bare state dict; the number of heads is
+    read from the ``config.json`` that ``cribo pretrain`` writes beside it),
+    ``checkpoint.pth`` (the ``key`` entry, heads from its ``config``), a run
+    folder (its ``teacher_backbone.pth``), or any checkpoint
+    :func:`cribo.models.load_pretrained` reads (heads ``embed_dim / 64`` unless
+    ``num_heads`` is given).
+
+    Args:
+        path: file or run folder.
+        key: entry of a training checkpoint (``"teacher"``: what the paper evaluates).
+        num_heads: attention heads, overriding what is read or inferred.
+        verbose: print the load report.
+
+    Returns:
+        The :class:`cribo.models.VisionTransformer` in eval mode; its attribute
+        ``training_config`` holds the options of the ``cribo pretrain`` run that
+        wrote the checkpoint (a dict), or None for a published checkpoint.
+    """
+    from .. import models
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        f = os.path.join(path, "teacher_backbone.pth")
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"load_backbone: {path} is a folder without "
+                                    "teacher_backbone.pth")
+        path = f
+    obj = models._read_checkpoint(path)
+    cfg = obj.get("config") if isinstance(obj, Mapping) else None
+    if not isinstance(cfg, Mapping):
+        cfg = _config_beside(path)
+    heads = num_heads
+    if heads is None and isinstance(cfg, Mapping):
+        heads = _heads_from_config(cfg)
+    model, report = models.load_pretrained(obj, key=key, num_heads=heads)
+    if verbose:
+        print(str(report).replace("<state dict>", path))
+    model.training_config = dict(cfg) if isinstance(cfg, Mapping) else None
+    return model.eval()
+
+
+def random_init_like(model_or_config: Any, seed: int = 0):
+    """A freshly initialised ViT of the same architecture: the untrained floor.
+
+    The weights are those of ``torch.manual_seed(seed)`` followed by
+    ``VisionTransformer(**config)`` -- which is how ``cribo pretrain`` builds its
+    student, so with the run's seed this is the run's own starting point.
+
+    Args:
+        model_or_config: a :class:`cribo.models.VisionTransformer` (its
+            ``config()`` is used) or that config as a dict.
+        seed: the initialisation seed; the global torch RNG is left untouched.
+
+    Returns:
+        A :class:`cribo.models.VisionTransformer` in eval mode, drop-path 0.
+    """
+    import torch
+
+    from .. import models
+
+    if isinstance(model_or_config, Mapping):
+        cfg = dict(model_or_config)
+    elif hasattr(model_or_config, "config") and callable(model_or_config.config):
+        cfg = dict(model_or_config.config())
+    else:
+        raise TypeError(f"random_init_like: expected a VisionTransformer or its config dict, "
+                        f"got {type(model_or_config).__name__}")
+    cfg["drop_path_rate"] = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = models.VisionTransformer(**cfg)
+    return model.eval()
+
+
+def patch_size_of(backbone: Any) -> int:
+    """The backbone's ``patch_size`` attribute (required of any backbone)."""
+    p = getattr(backbone, "patch_size", None)
+    if isinstance(p, (tuple, list)):
+        p = p[0]
+    if not isinstance(p, int) or p < 1:
+        raise ValueError("dense evaluation: the backbone needs an int attribute patch_size "
+                         f"(got {p!r}); pass patch_size=")
+    return p
+
+
+def class_names_of(dataset: Any) -> Tuple[str, ...]:
+    """``dataset.class_names`` (index 0 the background), required for scoring."""
+    names = getattr(dataset, "class_names", None)
+    if names is None or len(names) < 2:
+        raise ValueError(f"dense evaluation: {type(dataset).__name__} needs a class_names "
+                         "attribute (background first, at least one object class)")
+    return tuple(str(n) for n in names)
+
+
+# =============================================================================
+# views and labels
+# =============================================================================
+
+def eval_size(height: int, width: int, image_size: int, patch_size: int) -> Tuple[int, int]:
+    """The resolution a validation image is encoded at.
+
+    The shorter side becomes ``image_size`` (itself a multiple of the patch
+    size); the longer side is scaled by the same factor and rounded to the
+    nearest multiple of the patch size (at least one patch), so the aspect ratio
+    is kept to within half a patch.  A square image becomes
+    ``image_size x image_size``.
+
+    Returns:
+        ``(H', W')``, both multiples of ``patch_size``.
+    """
+    if image_size % patch_size:
+        raise ValueError(f"eval_size: image_size {image_size} must be a multiple of the "
+                         f"patch size {patch_size}")
+    short = min(height, width)
+    scale = image_size / short
+
+    def side(s: int) -> int:
+        return image_size if s == short else max(patch_size,
+                                                 int(round(s * scale / patch_size)) * patch_size)
+
+    return side(height), side(width)
+
+
+def resize_image(image: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H', W', 3) uint8, bicubic (Pillow); unchanged if same size."""
+    H, W = size_hw
+    if image.shape[:2] == (H, W):
+        return image
+    return np.asarray(Image.fromarray(image, "RGB").resize((W, H), Image.Resampling.BICUBIC))
+
+
+def resize_mask(mask: np.ndarray, size_hw: Tuple[int, int],
+                crop: Optional[Crop] = None) -> np.ndarray:
+    """Nearest-neighbour resize of a label mask (optionally of a crop, flipped).
+
+    Args:
+        mask: (H, W) integer labels.
+        size_hw: output ``(H', W')``.
+        crop: the crop (and flip) to take first, as :func:`train_view` does.
+
+    Returns:
+        (H', W') int64.
+    """
+    H, W = size_hw
+    m = np.asarray(mask)
+    if crop is None:
+        if m.shape == (H, W):
+            return m.astype(np.int64, copy=False)
+        crop = Crop(0, 0, m.shape[0], m.shape[1])
+    box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(m, np.float32), "F").resize(
+        (W, H), Image.Resampling.NEAREST, box=box))
+    if crop.flip:
+        out = out[:, ::-1]
+    return np.rint(out).astype(np.int64)
+
+
+def train_view(image: np.ndarray, mask: np.ndarray, rng: Optional[np.random.Generator],
+               image_size: int, patch_size: int,
+               crop_scale: Tuple[float, float] = (0.5, 1.0)) -> Tuple[np.ndarray, np.ndarray]:
+    """One view of a training image for the memory bank, with its mask.
+
+    With a generator: a random resized crop (torchvision's sampling, area in
+    ``crop_scale``, aspect ratio in [3/4, 4/3]) resized to ``image_size`` square
+    (bicubic for the image, nearest for the mask), flipped left-right with
+    probability 0.5 -- drawn from ``rng`` in that order.  Without: the image at
+    the validation resolution (:func:`eval_size`), no flip.
+
+    Returns:
+        image (S, S, 3) uint8 (or (H', W', 3) without ``rng``) and its mask, int64.
+    """
+    h, w = image.shape[:2]
+    if rng is None:
+        size = eval_size(h, w, image_size, patch_size)
+        return resize_image(image, size), resize_mask(mask, size)
+    top, left, ch, cw = sample_crop(rng, h, w, scale=tuple(crop_scale))
+    crop = Crop(top, left, ch, cw, flip=bool(rng.random() < 0.5))
+    return (resized_crop(image, crop, image_size, "bicubic"),
+            resize_mask(mask, (image_size, image_size), crop))
+
+
+def patch_histograms(mask: np.ndarray, patch_size: int, n_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Class histogram of each patch of a mask (ignored pixels not counted).
+
+    Args:
+        mask: (H, W) integer labels in ``0..C-1`` or ``ignore_index``; H and W
+            multiples of ``patch_size``.
+        patch_size: p.
+        n_classes: C (background included).
+
+    Returns:
+        (h*w, C) int64 pixel counts, patches row-major (as the ViT's tokens),
+        ``h = H/p``, ``w = W/p``.  A patch of ignored pixels only has a zero row.
+    """
+    m = np.asarray(mask)
+    H, W = m.shape
+    p, C = int(patch_size), int(n_classes)
+    if H % p or W % p:
+        raise ValueError(f"patch_histograms: mask {H}x{W} is not a multiple of the patch size {p}")
+    valid = m != ignore_index
+    if valid.any():
+        lo, hi = int(m[valid].min()), int(m[valid].max())
+        if lo < 0 or hi >= C:
+            raise ValueError(f"patch_histograms: labels must be in 0..{C - 1} or "
+                             f"{ignore_index} (ignore), found {lo if lo < 0 else hi}")
+    h, w = H // p, W // p
+    lab = np.where(valid, m, C).astype(np.int64)                # ignore -> column C
+    lab = lab.reshape(h, p, w, p).transpose(0, 2, 1, 3).reshape(h * w, p * p)
+    idx = lab + (C + 1) * np.arange(h * w)[:, None]
+    counts = np.bincount(idx.ravel(), minlength=h * w * (C + 1)).reshape(h * w, C + 1)
+    return counts[:, :C].astype(np.int64)
+
+
+def sample_patches(counts: np.ndarray, cap: Optional[int],
+                   rng: np.random.Generator) -> np.ndarray:
+    """The patches of one view that go into the memory bank.
+
+    Rule: only patches with at least one non-ignored pixel are candidates; each
+    has a majority class (argmax of its histogram, ties to the lower class).
+    If there are at most ``cap`` candidates (or ``cap`` is None) all are kept.
+    Otherwise the ``cap`` slots are shared out over the classes present, rarest
+    first: the classes are visited in increasing order of their candidate count
+    ``n_c`` (ties: lower class first) and, with ``r`` slots and ``m`` classes
+    left, class ``c`` keeps ``min(n_c, r // m)`` of its patches (the last class
+    visited takes all that remain), chosen uniformly at random without
+    replacement from ``rng``.  So a class with few patches in the view keeps
+    them all, and exactly ``cap`` patches are kept.
+
+    Args:
+        counts: (N, C) per-patch class counts (:func:`patch_histograms`).
+        cap: the most patches kept, or None for no cap.
+        rng: the generator of the random choices.
+
+    Returns:
+        (n_keep,) int64 patch indices, increasing.
+    """
+    total = counts.sum(1)
+    cand = np.flatnonzero(total > 0)
+    if cap is None or cand.size <= cap:
+        return cand.astype(np.int64)
+    major = counts[cand].argmax(1)
+    classes, n_c = np.unique(major, return_counts=True)
+    order = np.lexsort((classes, n_c))                         # by count, then class
+    keep: List[np.ndarray] = []
+    slots, left = int(cap), len(classes)
+    for j in order:
+        take = slots if left == 1 else min(int(n_c[j]), slots // left)
+        members = cand[major == classes[j]]
+        keep.append(members if take >= members.size
+                    else rng.choice(members, size=take, replace=False))
+        slots -= take
+        left -= 1
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+# =============================================================================
+# features
+# =============================================================================
+
+def encode(backbone: Any, images: Sequence[np.ndarray], device: Any = None,
+           batch_size: int = 32) -> List[np.ndarray]:
+    """L2-normalised final patch tokens of each image.
+
+    Images of equal shape are batched together (up to ``batch_size``); each goes
+    through :func:`cribo.data.normalize` (ImageNet mean/std) and the backbone,
+    whose forward returns ``(cls, patches)`` with patches (B, N, D).
+
+    Args:
+        backbone: the network (a :class:`cribo.models.VisionTransformer` or any
+            module with the same forward).
+        images: (H_i, W_i, 3) uint8 images, sides multiples of the patch size.
+        device: torch device of the backbone (default: that of its parameters).
+        batch_size: images per forward pass.
+
+    Returns:
+        One (N_i, D) float32 array per image, rows of unit norm (zero rows stay 0).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if device is None:
+        try:
+            device = next(backbone.parameters()).device
+        except (StopIteration, AttributeError):
+            device = torch.device("cpu")
+    out: List[Optional[np.ndarray]] = [None] * len(images)
+    groups: Dict[Tuple[int, ...], List[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(i)
+    with torch.inference_mode():
+        for idx in groups.values():
+            for s in range(0, len(idx), batch_size):
+                part = idx[s:s + batch_size]
+                x = torch.from_numpy(np.stack([normalize(images[i]) for i in part])).to(device)
+                _, patches = backbone(x)
+                z = F.normalize(patches.float(), dim=-1).cpu().numpy()
+                for j, i in enumerate(part):
+                    out[i] = np.ascontiguousarray(z[j], dtype=np.float32)
+    return out  # type: ignore[return-value]
+
+
+@dataclass
+class Bank:
+    """The memory bank of dense nearest-neighbour retrieval.
+
+    Attributes:
+        features: (Q, D) float32, L2-normalised final patch tokens.
+        histograms: (Q, C) float32, each patch's class fractions (rows sum to 1,
+            ignored pixels not counted).
+        labels: (Q,) int64 majority class of each patch (ties to the lower class).
+        image_index: (Q,) int64 training item each patch came from.
+        n_views: training views encoded.
+    """
+
+    features: np.ndarray
+    histograms: np.ndarray
+    labels: np.ndarray
+    image_index: np.ndarray
+    n_views: int
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+def _batches(n: int, size: int) -> Iterator[range]:
+    for s in range(0, n, size):
+        yield range(s, min(n, s + size))
+
+
+def build_bank(backbone: Any, train_set: Any, *, image_size: int, n_classes: int,
+               patch_size: Optional[int] = None, patches_per_image: Optional[int] = 100,
+               augment_passes: int = 2, crop_scale: Tuple[float, float] = (0.5, 1.0),
+               batch_size: int = 32, seed: int = 0, device: Any = None,
+               progress: bool = True,
+               ignore_index: int = IGNORE_INDEX) -> Bank:
+    """Encodes the training images' views into a :class:`Bank`.
+
+    Each training image is seen ``augment_passes`` times through
+    :func:`train_view` (``augment_passes=0``: once, un-augmented); view ``a`` of
+    item ``i`` draws its crop, flip and patch choice from
+    ``default_rng([seed, stream, a, i])`` alone, so the bank does not depend on
+    the batch size and is the same for every backbone given the seed.  Each
+    view's patches are labelled by :func:`patch_histograms` and capped by
+    :func:`sample_patches` (``patches_per_image`` per view).
+
+    Args:
+        backbone: network returning ``(cls, patches)``.
+        train_set: items ``(image (H, W, 3) uint8, mask (H, W) int)``.
+        image_size: side S of the training views (multiple of the patch size).
+        n_classes: C, background included.
+        patch_size: p (default: ``backbone.patch_size``).
+        patches_per_image: cap per view (None: every labelled patch).
+        augment_passes: augmented views per image (0: one plain view).
+        crop_scale: area range of the random resized crop.
+        batch_size: images per forward pass.
+        seed: seed of the views and the sampling.
+        device: torch device (default: the backbone's).
+        progress: show a tqdm bar.
+
+    Returns:
+        The :class:`Bank`; its size is at most
+        ``len(train_set) * max(augment_passes, 1) * patches_per_image``.
+    """
+    p = patch_size_of(backbone) if patch_size is None else int(patch_size)
+    if augment_passes < 0:
+        raise ValueError(f"build_bank: augment_passes must be >= 0, got {augment_passes}")
+    if patches_per_image is not None and patches_per_image < 1:
+        raise ValueError(f"build_bank: patches_per_image must be >= 1 or None, "
+                         f"got {patches_per_image}")
+    if image_size % p:
+        raise ValueError(f"build_bank: image_size {image_size} must be a multiple of the patch "
+                         f"size {p}")
+    passes = max(augment_passes, 1)
+    n = len(train_set)
+    feats: List[np.ndarray] = []
+    hists: List[np.ndarray] = []
+    owners: List[np.ndarray] = []
+    bar = _bar(n * passes, "bank", progress)
+    for a in range(passes):
+        for chunk in _batches(n, batch_size):
+            views, masks, rngs = [], [], []
+            for i in chunk:
+                image, mask = train_set[i]
+                rng = np.random.default_rng([seed, _BANK_STREAM, a, i])
+                v, m = train_view(np.asarray(image), np.asarray(mask),
+                                  rng if augment_passes > 0 else None, image_size, p,
+                                  crop_scale)
+                views.append(v)
+                masks.append(m)
+                rngs.append(rng)
+            z = encode(backbone, views, device, batch_size)
+            for i, zi, m, rng in zip(chunk, z, masks, rngs):
+                counts = patch_histograms(m, p, n_classes, ignore_index)
+                if counts.shape[0] != zi.shape[0]:
+                    raise ValueError(f"build_bank: the backbone gave {zi.shape[0]} tokens for a "
+                                     f"{m.shape[0]}x{m.shape[1]} view, expected "
+                                     f"{counts.shape[0]} at patch size {p}")
+                keep = sample_patches(counts, patches_per_image, rng)
+                c = counts[keep].astype(np.float32)
+                feats.append(zi[keep])
+                hists.append(c / c.sum(1, keepdims=True))
+                owners.append(np.full(keep.size, i, np.int64))
+            bar.update(len(chunk))
+    bar.close()
+    D = feats[0].shape[1] if feats else 0
+    features = np.concatenate(feats) if feats else np.zeros((0, D), np.float32)
+    histograms = (np.concatenate(hists) if hists
+                  else np.zeros((0, n_classes), np.float32)).astype(np.float32)
+    return Bank(features=np.ascontiguousarray(features, np.float32),
+                histograms=np.ascontiguousarray(histograms),
+                labels=histograms.argmax(1).astype(np.int64) if len(histograms)
+                else np.zeros(0, np.int64),
+                image_index=np.concatenate(owners) if owners else np.zeros(0, np.int64),
+                n_views=n * passes)
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with the [torch] extra; fall back to nothing
+        enabled = False
+    if not enabled:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+

@@ -1,0 +1,349 @@
+"""Dense evaluation (SPEC §7): the vote, the scores, ignore labels, the bank's
+sampling rule, oracle features, the paired bootstrap, the probe, the CLI and a
+checkpoint from a real (tiny) pretraining run."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cribo.data import IMAGENET_MEAN, IMAGENET_STD, SyntheticScenes  # noqa: E402
+from cribo.evaluate import (build_parser, confusion_matrix, dense_evaluation,  # noqa: E402
+                            eval_size, evaluate_retrieval, knn_vote, linear_probe,
+                            load_backbone, main, paired_bootstrap, patch_histograms,
+                            random_init_like, sample_patches, scores_from_confusion,
+                            train_linear_probe, train_view)
+
+P = 8          # patch size of every test here
+SIZE = 32      # image side: a 4 x 4 patch grid
+N_CLASSES = 3  # synthetic object classes (4 labels with the background)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+class BlockScenes:
+    """Synthetic scenes made patch-aligned, with images that encode the labels.
+
+    The mask is each patch's majority class of a SyntheticScenes mask, painted
+    over the whole patch; the image is gray level ``40 * label + 20``.  Optional
+    ignore pixels (255) fill the top-left patch of every other image.
+    """
+
+    def __init__(self, split: str, n: int, ignore: bool = False) -> None:
+        self.src = SyntheticScenes(split, n, SIZE, seed=0, n_classes=N_CLASSES)
+        self.class_names = self.src.class_names
+        self.ignore = ignore
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int):
+        _, mask = self.src[i]
+        C = len(self.class_names)
+        lab = patch_histograms(mask, P, C).argmax(1).reshape(SIZE // P, SIZE // P)
+        block = np.kron(lab, np.ones((P, P), np.int64))
+        image = np.repeat((40 * block + 20).astype(np.uint8)[:, :, None], 3, axis=2)
+        if self.ignore and i % 2 == 0:
+            block = block.copy()
+            block[:P, :P] = 255
+        return image, block
+
+
+class Oracle(torch.nn.Module):
+    """Patch features = one-hot of the patch's label, decoded from a BlockScenes image."""
+
+    patch_size, img_size = P, SIZE
+
+    def forward(self, x):
+        v = x[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+        lab = ((v * 255 - 20) / 40).round().clamp(0, N_CLASSES).long()
+        onehot = torch.nn.functional.one_hot(lab, N_CLASSES + 1).permute(0, 3, 1, 2).float()
+        major = torch.nn.functional.avg_pool2d(onehot, P).argmax(1).flatten(1)   # (B, N)
+        feats = torch.nn.functional.one_hot(major, N_CLASSES + 1).float()
+        return feats[:, 0], feats
+
+
+class RandomFeatures(torch.nn.Module):
+    """Patch features independent of the image (seeded noise)."""
+
+    patch_size, img_size = P, SIZE
+
+    def forward(self, x):
+        g = torch.Generator().manual_seed(int(x.sum().abs() * 1000) % 2**31)
+        feats = torch.randn(x.shape[0], (x.shape[2] // P) * (x.shape[3] // P), 16, generator=g)
+        return feats[:, 0], feats
+
+
+EXACT = dict(image_size=SIZE, augment_passes=0, upsample="nearest", k=5, progress=False)
+
+
+# ----------------------------------------------------------------------------- the vote
+
+def test_vote_on_a_hand_made_bank():
+    bank = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.75, 0.66]], np.float32)
+    hist = np.array([[1, 0], [1, 0], [0, 1], [0.5, 0.5], [0, 1]], np.float32)
+    q = np.array([[1, 0], [0, 1]], np.float32)
+    votes = knn_vote(q, bank, hist, k=2, temperature=0.02)
+    assert votes.argmax(1).tolist() == [0, 1]
+    # query 1: neighbours 2 (sim 1) and 3 (sim 0.9/|(0.1,0.9)|), weights softmax(sim/T)
+    s3 = 0.9 / math.hypot(0.1, 0.9)
+    w = np.exp(np.array([1.0, s3]) / 0.02)
+    w /= w.sum()
+    np.testing.assert_allclose(votes[1], [0.5 * w[1], w[0] + 0.5 * w[1]], rtol=1e-5)
+    np.testing.assert_allclose(votes.sum(1), 1.0, rtol=1e-6)
+    # The temperature decides between one very close neighbour and two slightly farther:
+    # query (1, 0.6): entry 4 is nearest (class 1), entries 0 and 1 (class 0) follow.
+    q2 = np.array([[1, 0.6]], np.float32)
+    assert knn_vote(q2, bank, hist, k=3, temperature=0.02).argmax(1)[0] == 1
+    assert knn_vote(q2, bank, hist, k=3, temperature=10.0).argmax(1)[0] == 0
+
+
+def test_vote_errors_and_chunking_do_not_change_the_result(rng):
+    bank = rng.standard_normal((50, 8)).astype(np.float32)
+    hist = rng.dirichlet(np.ones(4), 50).astype(np.float32)
+    q = rng.standard_normal((23, 8)).astype(np.float32)
+    np.testing.assert_array_equal(knn_vote(q, bank, hist, k=7, chunk=5),
+                                  knn_vote(q, bank, hist, k=7, chunk=1000))
+    with pytest.raises(ValueError, match="k=51"):
+        knn_vote(q, bank, hist, k=51)
+    with pytest.raises(ValueError, match="temperature"):
+        knn_vote(q, bank, hist, temperature=0)
+
+
+# ----------------------------------------------------------------------------- scores
+
+def test_scores_from_a_confusion_matrix_by_hand():
+    gt = np.array([[0, 0, 1], [1, 2, 255]])
+    pred = np.array([[0, 1, 1], [1, 2, 0]])
+    conf = confusion_matrix(gt, pred, 4)                        # class 3 never occurs
+    expected = np.zeros((4, 4), np.int64)
+    expected[0, 0], expected[0, 1], expected[1, 1], expected[2, 2] = 1, 1, 2, 1
+    np.testing.assert_array_equal(conf, expected)              # the 255 pixel is not counted
+    s = scores_from_confusion(conf, ["bg", "a", "b", "c"])
+    assert s["per_class_iou"]["bg"] == pytest.approx(1 / 2)    # 1 / (2 + 1 - 1)
+    assert s["per_class_iou"]["a"] == pytest.approx(2 / 3)     # 2 / (2 + 3 - 2)
+    assert s["per_class_iou"]["b"] == 1.0
+    assert math.isnan(s["per_class_iou"]["c"])                 # absent: left out of the mean
+    assert s["miou"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert s["pixel_acc"] == pytest.approx(4 / 5)
+    # background vs foreground: [[1, 1], [0, 3]] -> foreground IoU 3 / 4, background 1 / 2
+    assert s["fg_iou"] == pytest.approx(3 / 4)
+    assert s["bg_iou"] == pytest.approx(1 / 2)
+
+
+def test_confusion_rejects_out_of_range_labels():
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(np.array([0, 7]), np.array([0, 1]), 3)
+
+
+def test_patch_histograms_and_the_bank_sampling_rule():
+    mask = np.zeros((16, 16), np.int64)
+    mask[:8, :8] = 255                                           # patch 0: ignore only
+    mask[:8, 8:12] = 2                                           # patch 1: half class 2
+    mask[8:, :] = 1                                              # patches 2, 3: class 1
+    mask[15, 15] = 255
+    counts = patch_histograms(mask, 8, 3)
+    np.testing.assert_array_equal(counts, [[0, 0, 0], [32, 0, 32], [0, 64, 0], [0, 63, 0]])
+    rng = np.random.default_rng(0)
+    assert sample_patches(counts, None, rng).tolist() == [1, 2, 3]   # all-ignore patch dropped
+    # cap 5 of 10 patches, majority counts 7 / 2 / 1: rarest first, 1, then 2, then the rest
+    counts = np.zeros((10, 3), np.int64)
+    counts[np.arange(10), [0, 0, 1, 0, 0, 2, 0, 1, 0, 0]] = 4
+    keep = sample_patches(counts, 5, np.random.default_rng(0))
+    assert keep.size == 5 and {2, 5, 7} <= set(keep.tolist())
+    assert np.all(np.diff(keep) > 0)
+
+
+def test_views_and_resolution_rule():
+    assert eval_size(96, 96, 64, 8) == (64, 64)
+    assert eval_size(375, 500, 224, 16) == (224, 304)           # aspect kept within half a patch
+    with pytest.raises(ValueError, match="multiple"):
+        eval_size(10, 10, 20, 8)
+    image, mask = SyntheticScenes("train", 1, 48)[0]
+    a = train_view(image, mask, np.random.default_rng(1), 32, 8)
+    b = train_view(image, mask, np.random.default_rng(1), 32, 8)
+    assert a[0].shape == (32, 32, 3) and a[1].shape == (32, 32)
+    np.testing.assert_array_equal(a[1], b[1])
+    assert set(np.unique(a[1])) <= set(np.unique(mask))        # nearest: no new labels
+
+
+# ----------------------------------------------------------------------------- oracle, bootstrap
+
+@pytest.fixture(scope="module")
+def block_data():
+    return BlockScenes("train", 12), BlockScenes("val", 8, ignore=True)
+
+
+@pytest.fixture(scope="module")
+def oracle_results(block_data):
+    train, val = block_data
+    return dense_evaluation(Oracle(), train, val, probe_epochs=2, **EXACT)
+
+
+def test_oracle_features_give_miou_one_and_ignore_pixels_are_excluded(oracle_results,
+                                                                     block_data):
+    nn_r, _ = oracle_results
+    assert nn_r.miou == 1.0 and nn_r.fg_iou == 1.0 and nn_r.pixel_acc == 1.0
+    assert nn_r.per_image_confusion.shape == (8, 4, 4)
+    _, val = block_data
+    for i in range(len(val)):
+        assert nn_r.per_image_confusion[i].sum() == int((val[i][1] != 255).sum())
+    assert set(nn_r.predictions) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(nn_r.predictions[1], val[1][1])
+    # the bank holds every labelled patch: 12 images x 16 patches
+    assert nn_r.bank_size == 12 * 16
+
+
+def test_probe_on_oracle_features_reaches_miou_one(oracle_results):
+    _, probe_r = oracle_results
+    assert probe_r.train_accuracy == 1.0
+    assert probe_r.miou == 1.0
+    # balanced weights on very unequal classes, and a class absent from training
+    labels = np.repeat([0, 1, 2], [500, 20, 3])
+    feats = np.eye(4, dtype=np.float32)[labels]
+    for balanced in (False, True):
+        head = train_linear_probe(feats, labels, 4, epochs=1, balanced=balanced, min_steps=50)
+        assert head.train_accuracy == 1.0
+        assert np.all(np.isfinite(head.weight))
+
+
+def test_bootstrap_interval(oracle_results, block_data):
+    train, val = block_data
+    oracle, _ = oracle_results
+    same = paired_bootstrap(oracle, oracle, n=200, seed=0)
+    assert not same.miou.excludes_zero and same.miou.low <= 0 <= same.miou.high
+    rand = evaluate_retrieval(RandomFeatures(), train, val, **EXACT)
+    assert rand.miou < 0.7
+    b = paired_bootstrap(oracle, rand, n=200, seed=0)
+    assert b.miou.excludes_zero and b.miou.low > 0
+    assert b.miou.diff == pytest.approx(oracle.miou - rand.miou)
+    assert b.to_dict()["n"] == 200 and b.to_dict()["miou"]["excludes_zero"]
+    with pytest.raises(ValueError, match="shape"):
+        paired_bootstrap(oracle, oracle.per_image_confusion[:3])
+
+
+def test_linear_probe_and_retrieval_on_a_vit_are_deterministic(block_data):
+    train, val = block_data
+    vit = random_init_like(dict(img_size=SIZE, patch_size=P, embed_dim=32, depth=1,
+                                num_heads=2), seed=3)
+    vit2 = random_init_like(vit, seed=3)
+    torch.testing.assert_close(vit.state_dict(), vit2.state_dict())
+    kw = dict(augment_passes=1, patches_per_image=10, k=5, progress=False)
+    a = evaluate_retrieval(vit, train, val, **kw)
+    b = evaluate_retrieval(vit2, train, val, **kw)
+    np.testing.assert_array_equal(a.per_image_confusion, b.per_image_confusion)
+    assert a.bank_size <= 12 * 10
+    p = linear_probe(vit, train, val, epochs=1, **kw)
+    assert 0 <= p.miou <= 1 and p.confusion.sum() == a.confusion.sum()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_help_lists_every_option_and_unknown_options_fail(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    options = [s for act in parser._actions for s in act.option_strings if s.startswith("--")]
+    assert len(options) > 25
+    for opt in options:
+        assert opt in text, opt
+    for act in parser._actions:
+        assert act.help, act.option_strings
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", "x.pth", "--no-such-option"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+    for bad, msg in ((["--k", "0"], "--k must be >= 1"), ([], "no checkpoint at x.pth")):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", "x.pth"] + bad)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_evaluate_a_checkpoint_from_a_tiny_training_run(tmp_path, capsys):
+    from cribo.config import config_from_args
+    from cribo.train import train
+
+    from test_train import TINY
+
+    run = tmp_path / "run"
+    train(config_from_args(TINY + ["--output-dir", str(run), "--epochs", "1",
+                                   "--batch-size", "8"]))
+    out = tmp_path / "eval.json"
+    rc = main(["--checkpoint", str(run / "teacher_backbone.pth"), "--n-train", "6",
+               "--n-val", "4", "--scene-size", "32", "--k", "5", "--augment-passes", "1",
+               "--probe-epochs", "1", "--bootstrap", "50", "--no-progress", "--threads", "1",
+               "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "NN mIoU" in text and "random init" in text and "checkpoint - random init" in text
+    res = json.loads(out.read_text())
+    for model in ("checkpoint", "random init"):
+        for kind in ("retrieval", "probe"):
+            r = res["models"][model][kind]
+            assert 0 <= r["miou"] <= 1 and 0 <= r["pixel_acc"] <= 1
+            assert len(r["confusion"]) == 7 and r["n_images"] == 4
+    assert res["image_size"] == 32
+    assert "miou" in res["bootstrap"]["checkpoint - random init"]["retrieval"]
+    # checkpoint.pth (heads from its config) holds the same teacher backbone
+    a = load_backbone(run / "checkpoint.pth")
+    b = load_backbone(run)
+    assert a.training_config["num_heads"] == 2 and b.training_config["seed"] == 0
+    assert res["init_seed"] == 0
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(a(x)[1], b(x)[1])
+
+
+def test_random_init_like_with_the_run_seed_is_the_runs_starting_point(tmp_path):
+    from cribo.config import config_from_args
+    from cribo.train import build_models
+
+    from test_train import TINY
+
+    cfg = config_from_args(TINY + ["--output-dir", str(tmp_path), "--seed", "5"])
+    torch.manual_seed(cfg.seed)
+    teacher = build_models(cfg)["teacher"].backbone
+    floor = random_init_like(teacher, cfg.seed)
+    torch.testing.assert_close(floor.state_dict(), teacher.state_dict(), rtol=0, atol=0)
+    other = random_init_like(teacher, cfg.seed + 1)
+    assert not torch.equal(other.pos_embed, teacher.pos_embed)
+
+
+def test_cli_on_a_voc_style_folder_with_ignore_labels(tmp_path, capsys):
+    from PIL import Image
+
+    from cribo import models
+
+    root = tmp_path / "voc"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"img{i}" for i in range(5)]
+    for n, i in enumerate(ids):
+        h, w = (40, 56) if n % 2 else (48, 36)                  # non-square, both ways
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 15 if n % 2 else 1
+        mask[h // 4, :] = 255                                   # a boundary line to ignore
+        Image.fromarray(mask, "L").save(root / "SegmentationClass" / f"{i}.png")
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "JPEGImages" / f"{i}.jpg")
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids[:3]) + "\n")
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids[3:]) + "\n")
+    torch.manual_seed(0)
+    vit = models.vit(64, 1, 1, patch_size=8, img_size=32)       # heads = 64 / 64: published rule
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    out = tmp_path / "voc.json"
+    assert main(["--checkpoint", str(tmp_path / "vit.pth"), "--data", str(root), "--k", "3",
+                 "--n-train", "0", "--n-val", "0", "--probe-epochs", "1", "--no-floor",
+                 "--bootstrap", "0", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    r = res["models"]["checkpoint"]["retrieval"]
+    assert res["n_train"] == 3 and res["n_val"] == 2 and len(r["confusion"]) == 21
+    # scored at the masks' own resolution, boundary pixels not counted
+    assert np.sum(r["confusion"]) == 40 * 56 - 56 + 48 * 36 - 36
+    assert "aeroplane" in r["per_class_iou"]
