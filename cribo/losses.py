@@ -218,19 +218,20 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
                              f"call's counts (B={B}, M={M}, Z1={Z[0]}, Z2={Z[1]})")
 
     # Global: student view 2 learns from teacher view 1 and vice versa.
+    # Gradients are written by the kernel straight into these arrays (no copies).
     grad_global = np.empty_like(sg)
     wrow = np.full(B, w_g / B_den, np.float32)
     l_g = 0.0
     for v in (0, 1):
-        la, _, g = _xent(fn, {"student_logits": "student_global",
+        la, _, _ = _xent(fn, {"student_logits": "student_global",
                               "teacher_logits": "teacher_global", "center": "center_global"},
-                         sg[1 - v], tg[v], None, cg, None, wrow, None, ts, tg_temp, tg_temp, True)
-        grad_global[1 - v] = g
+                         sg[1 - v], tg[v], None, cg, None, wrow, None, ts, tg_temp, tg_temp, True,
+                         grad_global[1 - v])
         l_g += float(la.astype(np.float64).sum() / B_den)
 
     # Objects: student view 2 row j learns from teacher view 1 row j (L_o) and
     # from neighbour nn1_j (L_nn, where m1_j); symmetrically for view 1.
-    grad_objects = np.zeros_like(so)
+    grad_objects = np.empty_like(so)
     l_o = 0.0
     l_nn = 0.0
     if M > 0:
@@ -238,13 +239,12 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
         for v, mask, z, zd in ((0, m1, Z[0], Z_den[0]), (1, m2, Z[1], Z_den[1])):
             use_nn = tn is not None and z > 0
             wb = (mask * (w_nn / zd)).astype(np.float32) if use_nn else None
-            la, lb, g = _xent(
+            la, lb, _ = _xent(
                 fn, {"student_logits": "student_objects", "teacher_logits": "teacher_objects",
                      "teacher_logits_b": "teacher_neighbours", "center": "center_objects",
                      "center_b": "center_objects"},
                 so[1 - v], to[v], tn[v] if use_nn else None, co, co if use_nn else None,
-                w_obj, wb, ts, to_temp, to_temp, True)
-            grad_objects[1 - v] = g
+                w_obj, wb, ts, to_temp, to_temp, True, grad_objects[1 - v])
             l_o += float(la.astype(np.float64).sum() / M_den)
             if use_nn:
                 # Weight 0 skips the neighbour part of a row; compute the masked rows'

@@ -627,15 +627,20 @@ static PyObject *py_xent(PyObject *self, PyObject *args, PyObject *kw)
     (void)self;
     static char *kwlist[] = {"student_logits", "teacher_logits", "teacher_logits_b", "center",
                              "center_b", "weight", "weight_b", "student_temp", "teacher_temp",
-                             "teacher_temp_b", "with_grad", NULL};
+                             "teacher_temp_b", "with_grad", "grad_out", NULL};
     const char *fn = "softmax_cross_entropy";
     PyArrayObject *s, *ta, *tb = NULL, *ca = NULL, *cb = NULL, *wa = NULL, *wb = NULL;
     PyObject *otb = Py_None, *oca = Py_None, *ocb = Py_None, *owa = Py_None, *owb = Py_None;
+    PyObject *ogo = Py_None;
+    PyArrayObject *gout = NULL;
     double ts = 0.1, tta = 0.07, ttb = 0.07;
     int with_grad = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!|OOOOOdddp:softmax_cross_entropy", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!|OOOOOdddpO:softmax_cross_entropy", kwlist,
                                      &PyArray_Type, &s, &PyArray_Type, &ta, &otb, &oca, &ocb,
-                                     &owa, &owb, &ts, &tta, &ttb, &with_grad)) {
+                                     &owa, &owb, &ts, &tta, &ttb, &with_grad, &ogo)) {
+        return NULL;
+    }
+    if (optional_array(ogo, &gout, fn, "grad_out") < 0) {
         return NULL;
     }
     if (CHECK_F32(s, fn, "student_logits", 2, "(R, L)") < 0 ||
@@ -652,7 +657,12 @@ static PyObject *py_xent(PyObject *self, PyObject *args, PyObject *kw)
         check_opt(ca, fn, "center", 1, L, 0, "(L,)") < 0 ||
         check_opt(cb, fn, "center_b", 1, L, 0, "(L,)") < 0 ||
         check_opt(wa, fn, "weight", 1, R, 0, "(R,)") < 0 ||
-        check_opt(wb, fn, "weight_b", 1, R, 0, "(R,)") < 0) {
+        check_opt(wb, fn, "weight_b", 1, R, 0, "(R,)") < 0 ||
+        check_opt(gout, fn, "grad_out", 2, R, L, "(R, L)") < 0) {
+        return NULL;
+    }
+    if (gout != NULL && !PyArray_ISWRITEABLE(gout)) {
+        PyErr_Format(PyExc_ValueError, "%s: grad_out must be writeable", fn);
         return NULL;
     }
     if (check_positive_dim(L, fn, "the number of logits L") < 0) {
@@ -707,7 +717,11 @@ static PyObject *py_xent(PyObject *self, PyObject *args, PyObject *kw)
             goto fail;
         }
     }
-    if (with_grad) {
+    if (with_grad && gout != NULL) {
+        /* Written in place: the caller's array (e.g. one view of a larger gradient). */
+        Py_INCREF(gout);
+        grad = gout;
+    } else if (with_grad) {
         grad = (PyArrayObject *)PyArray_SimpleNew(2, gd, NPY_FLOAT32);
         if (grad == NULL) {
             goto fail;
@@ -820,7 +834,7 @@ static PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "softmax_cross_entropy(student_logits, teacher_logits, teacher_logits_b=None, center=None, "
      "center_b=None, weight=None, weight_b=None, student_temp=0.1, teacher_temp=0.07, "
-     "teacher_temp_b=0.07, with_grad=True) -> (losses, losses_b, grad)"},
+     "teacher_temp_b=0.07, with_grad=True, grad_out=None) -> (losses, losses_b, grad)"},
     {"update_center", (PyCFunction)(void (*)(void))py_center_update,
      METH_VARARGS | METH_KEYWORDS, "update_center(center, teacher_logits, momentum) -> center"},
     {NULL, NULL, 0, NULL},

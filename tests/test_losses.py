@@ -123,3 +123,18 @@ def test_denominators_split_a_batch_into_shares_that_sum_to_the_whole(rng):
                                full.grad_objects, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="denominators"):
         cribo.cribo_losses(**kw, denominators=(1, M, 0, 0))
+
+
+def test_kernel_writes_the_gradient_into_a_given_array(rng):
+    from cribo import _C
+
+    s = rng.standard_normal((3, 50)).astype(np.float32)
+    t = rng.standard_normal((3, 50)).astype(np.float32)
+    out = np.full((2, 3, 50), np.nan, np.float32)
+    _, _, g = _C.softmax_cross_entropy(s, t, None, None, None, None, None, 0.1, 0.07, 0.07,
+                                       True, out[1])
+    assert np.shares_memory(g, out) and np.isnan(out[0]).all()
+    np.testing.assert_array_equal(out[1], cribo.softmax_cross_entropy(s, t)[1])
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        _C.softmax_cross_entropy(s, t, None, None, None, None, None, 0.1, 0.07, 0.07, True,
+                                 out[:, :2])
