@@ -32,7 +32,8 @@ class TrainConfig:
     output_dir: str = _opt("runs/cribo", "folder for checkpoints, logs and the report")
     seed: int = _opt(0, "seed of the data order, augmentations, initialisation and clustering")
     device: str = _opt("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
-    threads: int = _opt(0, "CPU threads for torch and the C kernels (0: all cores)")
+    threads: int = _opt(1, "CPU threads for torch and the C kernels (0: all cores); 1 is "
+                        "fastest on a 2-core machine, where the data workers use the other core")
     resume: bool = _opt(False, "continue from output_dir/checkpoint.pth if it exists")
     amp: bool = _opt(False, "mixed precision (bfloat16 autocast) for the networks")
     log_every: int = _opt(10, "iterations between JSON-lines log records")
@@ -112,7 +113,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                       out_dim=65536, head_hidden_dim=2048, n_clusters=64, queue_size=25000,
                       epochs=300, batch_size=256, warmup_epochs=10,
                       warmup_teacher_temp_epochs=30, data="", scene_size=256, num_workers=8,
-                      amp=True, n_images=100000, evaluate=False),
+                      amp=True, n_images=100000, evaluate=False, threads=0),
 }
 
 
