@@ -8,7 +8,6 @@ flags.  Unknown options are errors, in files as on the command line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field, fields

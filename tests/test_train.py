@@ -13,7 +13,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import cribo  # noqa: E402
 from cribo.config import config_from_args  # noqa: E402
 from cribo.train import NonFiniteLoss, train  # noqa: E402
 
