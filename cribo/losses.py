@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _C
-from ._arrays import as_bool, as_float32, check_float
+from ._arrays import as_bool, as_float32, check_float, check_int
 
 __all__ = ["softmax_cross_entropy", "update_center", "cribo_losses", "CriboLosses"]
 
@@ -101,15 +101,6 @@ class CriboLosses:
     center_objects: np.ndarray
     n_pairs1: int
     n_pairs2: int
-
-
-def check_int_like(value: Any, fn: str, name: str) -> int:
-    """A non-negative integer count."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{fn}: {name} must hold integers, got {value!r}")
-    if int(value) < 0:
-        raise ValueError(f"{fn}: {name} must be non-negative, got {int(value)}")
-    return int(value)
 
 
 def _xent(fn: str, names: Dict[str, str], *args: Any):
@@ -211,7 +202,7 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
     else:
         if len(denominators) != 4:
             raise ValueError(f"{fn}: denominators must be (B, M, Z1, Z2), got {denominators!r}")
-        B_den, M_den, z1, z2 = (check_int_like(d, fn, "denominators") for d in denominators)
+        B_den, M_den, z1, z2 = (check_int(d, fn, "denominators", 0, 2**62) for d in denominators)
         Z_den = (z1, z2)
         if B_den < B or M_den < M or z1 < Z[0] or z2 < Z[1]:
             raise ValueError(f"{fn}: denominators {tuple(denominators)} must be at least this "

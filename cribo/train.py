@@ -11,6 +11,7 @@ command under ``torchrun --nproc_per_node=P``: gloo on CPU, nccl on GPU).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -144,16 +145,10 @@ def build_data(cfg: TrainConfig):
             raise FileNotFoundError(f"cribo pretrain: data folder not found: {cfg.data}")
         source = ImageFolder(cfg.data)
     tf = TwoViewTransform(size=cfg.img_size, patch_size=cfg.patch_size)
-    tf = TwoViewTransform(size=cfg.img_size, patch_size=cfg.patch_size,
-                          view1=_with_scale(tf.view1, cfg.crop_scale),
-                          view2=_with_scale(tf.view2, cfg.crop_scale))
+    scale = tuple(cfg.crop_scale)
+    tf = dataclasses.replace(tf, view1=dataclasses.replace(tf.view1, scale=scale),
+                             view2=dataclasses.replace(tf.view2, scale=scale))
     return TwoViewDataset(source, tf, seed=cfg.seed)
-
-
-def _with_scale(aug: Any, scale: Sequence[float]) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(aug, scale=tuple(scale))
 
 
 # =============================================================================

@@ -237,19 +237,4 @@ CRIBO_INLINE double cribo_row_sumsq(const float *x, int64_t n)
     return r;
 }
 
-/* acc[i] += x[i], in double. */
-CRIBO_INLINE void cribo_row_add_d(double *acc, const float *x, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + CRIBO_VL <= n; i += CRIBO_VL) {
-        cribo_vd a[2];
-        memcpy(a, acc + i, sizeof a);
-        vd_accumulate(a, vf_load(x + i));
-        memcpy(acc + i, a, sizeof a);
-    }
-    for (; i < n; i++) {
-        acc[i] += (double)x[i];
-    }
-}
-
 #endif /* CRIBO_VMATH_H */
