@@ -56,6 +56,9 @@ def run_ablation(variants: Sequence[str], seeds: Sequence[int], output_dir: str,
     rows: Dict[str, Dict[int, Dict[str, float]]] = {}
     floors: Dict[int, Dict[str, float]] = {}
     for seed in seeds:
+        floor_file = os.path.join(output_dir, f"floor-seed{seed}.json")
+        if os.path.exists(floor_file):
+            floors[seed] = json.load(open(floor_file))
         for name in variants:
             run_dir = os.path.join(output_dir, f"{name}-seed{seed}")
             cfg = config_from_args(list(extra) + VARIANTS[name] +
@@ -74,9 +77,10 @@ def run_ablation(variants: Sequence[str], seeds: Sequence[int], output_dir: str,
             m = _metrics(*dense_evaluation(backbone, train_set, val_set, **kw))
             json.dump(m, open(done, "w"))
             rows.setdefault(name, {})[seed] = m
-            if seed not in floors:
+            if seed not in floors:  # every variant of a seed starts from this network
                 floors[seed] = _metrics(*dense_evaluation(random_init_like(backbone, seed),
                                                           train_set, val_set, **kw))
+                json.dump(floors[seed], open(floor_file, "w"))
     table = _summarise(rows, floors)
     _write(table, output_dir)
     return table
@@ -84,17 +88,31 @@ def run_ablation(variants: Sequence[str], seeds: Sequence[int], output_dir: str,
 
 def _summarise(rows: Dict[str, Dict[int, Dict[str, float]]],
                floors: Dict[int, Dict[str, float]]) -> Dict[str, Any]:
+    """Mean ± std over seeds of every score, of its gain over the same seed's
+    untrained floor, and of full CrIBo's paired (same seed) lead over each variant."""
     keys = ["retrieval_miou", "retrieval_fg_iou", "probe_miou", "probe_fg_iou"]
-    out: Dict[str, Any] = {"variants": {}, "floor": {}}
+
+    def stats(values: Dict[int, float]) -> Dict[str, Any]:
+        v = list(values.values())
+        return {"mean": float(np.mean(v)), "std": float(np.std(v)),
+                "seeds": {str(s): float(x) for s, x in values.items()}}
+
+    out: Dict[str, Any] = {"variants": {}, "floor": {}, "gain": {}, "full_minus": {}}
     for name, per_seed in rows.items():
-        out["variants"][name] = {k: {"mean": float(np.mean([m[k] for m in per_seed.values()])),
-                                     "std": float(np.std([m[k] for m in per_seed.values()])),
-                                     "seeds": {str(s): m[k] for s, m in per_seed.items()}}
+        out["variants"][name] = {k: stats({s: m[k] for s, m in per_seed.items()})
                                  for k in keys}
+        paired = [s for s in per_seed if s in floors]
+        if paired:
+            out["gain"][name] = {k: stats({s: per_seed[s][k] - floors[s][k] for s in paired})
+                                 for k in keys}
+        if name != "full" and "full" in rows:
+            both = [s for s in per_seed if s in rows["full"]]
+            if both:
+                out["full_minus"][name] = {
+                    k: stats({s: rows["full"][s][k] - per_seed[s][k] for s in both})
+                    for k in keys}
     if floors:
-        out["floor"] = {k: {"mean": float(np.mean([m[k] for m in floors.values()])),
-                            "std": float(np.std([m[k] for m in floors.values()]))}
-                        for k in keys}
+        out["floor"] = {k: stats({s: m[k] for s, m in floors.items()}) for k in keys}
     return out
 
 
@@ -112,6 +130,14 @@ def _write(table: Dict[str, Any], output_dir: str) -> None:
     if table["floor"]:
         lines.append("| untrained floor | " + " | ".join(cell(table["floor"][k])
                                                        for k, _ in keys) + " |")
+    for title, part in (("Gain over the untrained floor (same seed)", "gain"),
+                        ("Full CrIBo minus each variant (same seed)", "full_minus")):
+        if table.get(part):
+            lines += ["", f"{title}, mean ± std over seeds:", "",
+                      "| variant | " + " | ".join(label for _, label in keys) + " |",
+                      "|---|" + "---:|" * len(keys)]
+            lines += [f"| {name} | " + " | ".join(cell(m[k]) for k, _ in keys) + " |"
+                      for name, m in table[part].items()]
     md = "\n".join(lines) + "\n"
     with open(os.path.join(output_dir, "ablation.md"), "w") as fh:
         fh.write(md)

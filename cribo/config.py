@@ -47,6 +47,11 @@ class TrainConfig:
     # ------------------------------------------------------------------ views
     img_size: int = _opt(64, "side of each augmented view, pixels")
     crop_scale: List[float] = _opt((0.25, 1.0), "random-resized-crop area range", nargs=2)
+    color_jitter: List[float] = _opt((0.4, 0.4, 0.2, 0.1), "colour-jitter amplitudes: "
+                                     "brightness, contrast, saturation, hue (p=0.8)", nargs=4)
+    grayscale_p: float = _opt(0.2, "probability of a grayscale view")
+    blur_sigma: List[float] = _opt((0.1, 2.0), "Gaussian-blur sigma range in pixels of a 224-px "
+                                   "view (the reference's); scaled by img_size / 224", nargs=2)
     # ------------------------------------------------------------------ model
     arch: str = _opt("custom", "'vit_tiny', 'vit_small', 'vit_base' or 'custom' (embed_dim, "
                      "depth, num_heads)", choices=("custom", "vit_tiny", "vit_small", "vit_base"))
@@ -55,9 +60,11 @@ class TrainConfig:
     depth: int = _opt(4, "ViT blocks (arch 'custom')")
     num_heads: int = _opt(4, "attention heads (arch 'custom')")
     drop_path: float = _opt(0.1, "stochastic depth of the student")
-    out_dim: int = _opt(4096, "head output width L (65536 in the reference)")
+    out_dim: int = _opt(1024, "head output width L (65536 in the reference)")
     head_hidden_dim: int = _opt(1024, "head MLP width (2048 in the reference)")
-    head_bottleneck_dim: int = _opt(256, "head bottleneck width")
+    head_bottleneck_dim: int = _opt(64, "head bottleneck width (256 in the reference)")
+    freeze_patch_embed: bool = _opt(True, "keep the patch embedding at its random "
+                                    "initialisation (MoCo v3's stabiliser)")
     norm_last_layer: bool = _opt(False, "fix the gain of the heads' weight-normalised last layers")
     # ------------------------------------------------------------------ CrIBo
     n_clusters: int = _opt(16, "clusters K per image (64 in the reference)")
@@ -73,21 +80,27 @@ class TrainConfig:
     nn_start_epoch: int = _opt(1, "epoch at which the cross-image term starts")
     exclude_same_image: bool = _opt(True, "never match an object to its own image in the queue")
     # ------------------------------------------------------------------ optimisation
-    epochs: int = _opt(12, "training epochs")
+    epochs: int = _opt(6, "training epochs")
     batch_size: int = _opt(64, "images per process per step")
-    lr: float = _opt(5e-4, "peak learning rate for a total batch of 256 (scaled linearly)")
+    lr: float = _opt(2e-3, "peak learning rate for a total batch of 256 (scaled linearly)")
     min_lr: float = _opt(1e-5, "final learning rate of the cosine schedule")
-    warmup_epochs: int = _opt(2, "linear learning-rate warm-up epochs")
+    warmup_epochs: int = _opt(1, "linear learning-rate warm-up epochs")
     weight_decay: float = _opt(0.04, "initial weight decay (cosine schedule)")
     weight_decay_end: float = _opt(0.4, "final weight decay")
-    momentum_teacher: float = _opt(0.996, "initial EMA momentum of the teacher (cosine to 1)")
+    momentum_teacher: float = _opt(0.99, "initial EMA momentum of the teacher (cosine to 1)")
     clip_grad: float = _opt(3.0, "clip each parameter's gradient norm (0: off)")
     freeze_last_layer: int = _opt(1, "epochs during which the heads' last layers stay fixed")
     student_temp: float = _opt(0.1, "student temperature")
-    teacher_temp: float = _opt(0.07, "final teacher temperature")
+    teacher_temp: float = _opt(0.04, "final teacher temperature (0.07 in the reference)")
     warmup_teacher_temp: float = _opt(0.04, "initial teacher temperature")
     warmup_teacher_temp_epochs: int = _opt(5, "epochs of the teacher temperature warm-up "
                                            "(30 in the reference)")
+    teacher_temp_objects: Optional[float] = _opt(
+        None, "final teacher temperature of the object terms (default: teacher_temp)",
+        type=float)
+    warmup_teacher_temp_objects: Optional[float] = _opt(
+        None, "initial teacher temperature of the object terms (default: warmup_teacher_temp)",
+        type=float)
     center_momentum: float = _opt(0.9, "centre EMA momentum")
     # ------------------------------------------------------------------ after training
     evaluate: bool = _opt(True, "after training on the synthetic scenes, evaluate the teacher "
@@ -109,7 +122,9 @@ class TrainConfig:
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu": {},
     "vit_small": dict(arch="vit_small", patch_size=16, img_size=224, drop_path=0.1,
-                      out_dim=65536, head_hidden_dim=2048, n_clusters=64, queue_size=25000,
+                      out_dim=65536, head_hidden_dim=2048, head_bottleneck_dim=256,
+                      freeze_patch_embed=False, n_clusters=64, queue_size=25000,
+                      lr=5e-4, momentum_teacher=0.996, teacher_temp=0.07,
                       epochs=300, batch_size=256, warmup_epochs=10,
                       warmup_teacher_temp_epochs=30, data="", scene_size=256, num_workers=8,
                       amp=True, n_images=100000, evaluate=False, threads=0),
@@ -135,7 +150,7 @@ def build_parser(prog: str = "cribo pretrain") -> argparse.ArgumentParser:
         elif isinstance(default, (tuple, list)):
             kw.update(type=float, nargs=f.metadata.get("nargs", "+"))
         else:
-            kw["type"] = type(default)
+            kw["type"] = f.metadata.get("type", type(default))
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         kw["help"] += f" (default: {default})"
@@ -195,7 +210,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None,
     unknown = sorted(set(merged) - names)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}")
-    for k in ("crop_scale",):
+    for k in ("crop_scale", "color_jitter", "blur_sigma"):
         if k in merged:
             merged[k] = tuple(float(x) for x in merged[k])
     cfg = TrainConfig(**merged)
@@ -223,5 +238,14 @@ def _validate(cfg: TrainConfig) -> None:
     need(min(cfg.weights) >= 0 and max(cfg.weights) > 0,
          "w_global, w_objects, w_neighbours must be >= 0 and not all 0")
     need(cfg.log_every >= 1 and cfg.save_every >= 1, "log_every and save_every must be >= 1")
+    temps = [cfg.teacher_temp, cfg.warmup_teacher_temp, cfg.student_temp,
+             cfg.teacher_temp_objects, cfg.warmup_teacher_temp_objects]
+    need(all(t is None or t > 0 for t in temps), f"temperatures must be > 0, got {temps}")
+    need(len(cfg.color_jitter) == 4 and min(cfg.color_jitter) >= 0
+         and cfg.color_jitter[3] <= 0.5,
+         f"color_jitter must be 4 amplitudes >= 0 (hue <= 0.5), got {cfg.color_jitter}")
+    need(0 <= cfg.grayscale_p <= 1, f"grayscale_p must be in [0, 1], got {cfg.grayscale_p}")
+    need(len(cfg.blur_sigma) == 2 and 0 < cfg.blur_sigma[0] <= cfg.blur_sigma[1],
+         f"blur_sigma must be two numbers 0 < lo <= hi, got {cfg.blur_sigma}")
     need(len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
          f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")

@@ -66,7 +66,8 @@ def _cluster_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> N
                 sinkhorn_lambda=cfg.sinkhorn_lambda, seed=cfg.seed)
     g = cfg.img_size // cfg.patch_size
     viz.plot_clusters(imgs[:, 0].numpy(), imgs[:, 1].numpy(), c.labels[:, 0], c.labels[:, 1],
-                      grid=(g, g), valid=c.valid, path=path,
+                      grid=(g, g), valid=c.valid, path=path, show_views=True,
+                      gray_base=False, alpha=0.45,
                       title="Teacher's joint-space clusters: one colour = one cluster in both views")
 
 

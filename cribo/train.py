@@ -83,6 +83,10 @@ def _param_groups(model: nn.Module) -> List[Dict[str, Any]]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _default(value: Optional[float], fallback: float) -> float:
+    return fallback if value is None else value
+
+
 def _clip_gradients(model: nn.Module, clip: float) -> None:
     """DINO's clipping: each parameter's gradient norm to at most ``clip``."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -125,6 +129,9 @@ def build_models(cfg: TrainConfig) -> Dict[str, nn.Module]:
     head = models.CriboHead(backbone.embed_dim, cfg.out_dim, hidden_dim=cfg.head_hidden_dim,
                             bottleneck_dim=cfg.head_bottleneck_dim,
                             norm_last_layer=cfg.norm_last_layer)
+    if cfg.freeze_patch_embed:  # a fixed random patch projection (Chen et al., MoCo v3)
+        for p in backbone.patch_embed.parameters():
+            p.requires_grad_(False)
     student = CriboStudent(backbone, head)
     teacher = CriboStudent(make(0.0), copy.deepcopy(head))
     teacher.load_state_dict(student.state_dict())
@@ -145,9 +152,14 @@ def build_data(cfg: TrainConfig):
             raise FileNotFoundError(f"cribo pretrain: data folder not found: {cfg.data}")
         source = ImageFolder(cfg.data)
     tf = TwoViewTransform(size=cfg.img_size, patch_size=cfg.patch_size)
-    scale = tuple(cfg.crop_scale)
-    tf = dataclasses.replace(tf, view1=dataclasses.replace(tf.view1, scale=scale),
-                             view2=dataclasses.replace(tf.view2, scale=scale))
+    # The reference blurs 224-px views with sigma in [0.1, 2] px; a smaller view
+    # gets the same blur relative to its size, or fine textures would vanish.
+    blur = tuple(s * cfg.img_size / 224 for s in cfg.blur_sigma)
+    b, c, s, h = cfg.color_jitter
+    common = dict(scale=tuple(cfg.crop_scale), blur_sigma=blur, brightness=b, contrast=c,
+                  saturation=s, hue=h, grayscale_p=cfg.grayscale_p)
+    tf = dataclasses.replace(tf, view1=dataclasses.replace(tf.view1, **common),
+                             view2=dataclasses.replace(tf.view2, **common))
     return TwoViewDataset(source, tf, seed=cfg.seed)
 
 
@@ -199,6 +211,7 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
 
         out = objective(student_fn, t_cls, t_tok, positions, teacher.head, image_ids=ids,
                         step=it, teacher_temp=float(schedules["teacher_temp"][it]),
+                        teacher_temp_objects=float(schedules["teacher_temp_objects"][it]),
                         pos_weight=float(schedules["pos_weight"][it]),
                         use_neighbours=epoch >= cfg.nn_start_epoch)
         if not math.isfinite(out.terms["total"]):
@@ -223,10 +236,12 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
         # EMA update of the teacher.
         with torch.no_grad():
             m = float(schedules["momentum"][it])
-            t_params = list(teacher.parameters())
+            pairs = [(t, s.detach()) for t, s in zip(teacher.parameters(),
+                                                      raw_student.parameters())
+                     if s.requires_grad]  # frozen parameters stay bit-identical
+            t_params = [t for t, _ in pairs]
             torch._foreach_mul_(t_params, m)
-            torch._foreach_add_(t_params, [p.detach() for p in raw_student.parameters()],
-                                alpha=1 - m)
+            torch._foreach_add_(t_params, [s for _, s in pairs], alpha=1 - m)
         timings["optimizer_ema"] = tick() - t_back
         timings.update(out.timings)
         st = getattr(raw_student, "timings", {})
@@ -247,6 +262,7 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
             rec = {"type": "iter", "epoch": epoch, "iter": it, "lr": float(schedules["lr"][it]),
                    "wd": float(schedules["wd"][it]), "momentum": m,
                    "teacher_temp": float(schedules["teacher_temp"][it]),
+                   "teacher_temp_objects": float(schedules["teacher_temp_objects"][it]),
                    "pos_weight": float(schedules["pos_weight"][it]),
                    **{f"loss_{k}": v for k, v in out.terms.items()}, **out.stats,
                    **{f"t_{k}": round(v, 6) for k, v in timings.items()},
@@ -329,6 +345,10 @@ def train(cfg: TrainConfig,
         "pos_weight": pos_weight_schedule(cfg.pos_weight_start, cfg.pos_weight_end,
                                           cfg.epochs, n_iter),
     }
+    schedules["teacher_temp_objects"] = teacher_temp_schedule(
+        _default(cfg.warmup_teacher_temp_objects, cfg.warmup_teacher_temp),
+        _default(cfg.teacher_temp_objects, cfg.teacher_temp),
+        cfg.warmup_teacher_temp_epochs, cfg.epochs, n_iter)
 
     # ============ resume ============
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pth")

@@ -261,7 +261,7 @@ def _cluster_picture(rgb: np.ndarray, lab: np.ndarray, valid: np.ndarray,
 
 def plot_clusters(view1_image: Any, view2_image: Any, labels1: Any, labels2: Any,
                   grid: Any = None, valid: Any = None, *, alpha: float = 0.6,
-                  gray_base: bool = True, boundaries: bool = True,
+                  gray_base: bool = True, boundaries: bool = True, show_views: bool = False,
                   titles: Sequence[str] = ("view 1", "view 2"),
                   title: Optional[str] = None, panel_size: float = 3.0, dpi: int = 100,
                   path: Optional[PathLike] = None) -> Any:
@@ -288,14 +288,17 @@ def plot_clusters(view1_image: Any, view2_image: Any, labels1: Any, labels2: Any
             in both views whatever the image's own colours); False tints the
             colour image.
         boundaries: draw cluster boundaries.
+        show_views: also draw both views untinted, in two columns left of the
+            clusters (so the objects can be seen under the colours).
         titles: the two column titles.
         title: figure title (default: a one-line key to the picture).
         panel_size: side of one panel in inches.
-        dpi: resolution; the figure is ``2 * panel_size`` wide.
+        dpi: resolution; the figure is ``2 * panel_size`` wide (4 with ``show_views``).
         path: also write a PNG here.
 
     Returns:
-        The Figure (``fig.axes[2*b + v]`` is row b, view v+1).
+        The Figure (``fig.axes[c*b + v]`` is row b, view v+1, with c = 2 columns;
+        with ``show_views`` c = 4 and the clusters are at ``v + 2``).
     """
     fn = "plot_clusters"
     v1, v2 = _numpy(view1_image), _numpy(view2_image)
@@ -313,8 +316,10 @@ def plot_clusters(view1_image: Any, view2_image: Any, labels1: Any, labels2: Any
     else:
         rows = [(v1, v2, labels1, labels2, valid)]
 
-    fig = _figure(2 * panel_size, len(rows) * panel_size + 0.45, dpi)
-    axes = fig.subplots(len(rows), 2, squeeze=False)
+    n_cols = 4 if show_views else 2
+    fig = _figure(n_cols * panel_size, len(rows) * panel_size + 0.45, dpi)
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    c0 = n_cols - 2  # first column of the cluster panels
     n_valid_total = n_total = 0
     for b, (im1, im2, lab1, lab2, val) in enumerate(rows):
         g1 = _label_grid(lab1, grid, fn)
@@ -335,9 +340,14 @@ def plot_clusters(view1_image: Any, view2_image: Any, labels1: Any, labels2: Any
         n_total += present.size
         n_valid_total += int(ok[present].sum())
         for v, (im, lab) in enumerate(((im1, g1), (im2, g2))):
-            ax = axes[b, v]
+            ax = axes[b, c0 + v]
             rgb = to_rgb(im)
             H, W = rgb.shape[:2]
+            if show_views:
+                axes[b, v].imshow(rgb, extent=(0, W, H, 0), interpolation="nearest")
+                _no_ticks(axes[b, v])
+                if b == 0:
+                    axes[b, v].set_title(titles[v], fontsize=9)
             ax.imshow(_cluster_picture(rgb, lab, ok, colors, alpha, gray_base), extent=(0, W, H, 0),
                       interpolation="nearest")
             bad = ~ok[lab]
@@ -353,7 +363,7 @@ def plot_clusters(view1_image: Any, view2_image: Any, labels1: Any, labels2: Any
             ax.set_ylim(H, 0)
             _no_ticks(ax)
             n_here = np.unique(lab).size
-            head = titles[v] if b == 0 else ""
+            head = (f"{titles[v]}, clusters" if show_views else titles[v]) if b == 0 else ""
             ax.set_title(f"{head}{' · ' if head else ''}{n_here} clusters", fontsize=9)
         if batched:
             axes[b, 0].set_ylabel(f"image {b}", fontsize=9)

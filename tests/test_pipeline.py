@@ -36,3 +36,33 @@ def test_pretrain_writes_a_report_with_floor_and_intervals(tmp_path, capsys):
 def test_ablate_rejects_unknown_variants(tmp_path):
     with pytest.raises(ValueError, match="unknown variant"):
         run_ablation(["full", "no_such_variant"], [0], str(tmp_path))
+
+
+def test_ablation_table_pairs_seeds_and_resumes_without_retraining(tmp_path, monkeypatch):
+    import cribo.train
+
+    common = TINY + ["--epochs", "1", "--batch-size", "16", "--eval-train-images", "6",
+                     "--eval-val-images", "4", "--eval-k", "5"]
+    table = run_ablation(["full", "global_only"], [0, 1], str(tmp_path), common)
+    raw = {name: {s: json.load(open(tmp_path / f"{name}-seed{s}" / "eval.json"))
+                  for s in (0, 1)} for name in ("full", "global_only")}
+    floor = {s: json.load(open(tmp_path / f"floor-seed{s}.json")) for s in (0, 1)}
+    for key in ("retrieval_miou", "retrieval_fg_iou", "probe_miou"):
+        for name in raw:
+            vals = [raw[name][s][key] for s in (0, 1)]
+            assert table["variants"][name][key]["mean"] == pytest.approx(sum(vals) / 2)
+            assert table["variants"][name][key]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2)
+            gains = [raw[name][s][key] - floor[s][key] for s in (0, 1)]
+            assert table["gain"][name][key]["mean"] == pytest.approx(sum(gains) / 2)
+        lead = [raw["full"][s][key] - raw["global_only"][s][key] for s in (0, 1)]
+        assert table["full_minus"]["global_only"][key]["mean"] == pytest.approx(sum(lead) / 2)
+    md = (tmp_path / "ablation.md").read_text()
+    assert "untrained floor" in md and "Full CrIBo minus" in md
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+
+    def no_training(cfg):
+        raise AssertionError("a finished (variant, seed) was trained again")
+
+    monkeypatch.setattr(cribo.train, "train", no_training)
+    again = run_ablation(["full", "global_only"], [0, 1], str(tmp_path), common)
+    assert again == json.loads(json.dumps(table))

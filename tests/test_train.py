@@ -167,3 +167,42 @@ def test_help_documents_every_option():
 
     for f in fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in out.stdout, f.name
+
+
+def test_view_augmentations_follow_the_options_and_blur_scales_with_the_view():
+    from cribo.train import build_data
+
+    cfg = config_from_args(["--img-size", "112", "--color-jitter", "0.1", "0.2", "0.3", "0.5",
+                            "--grayscale-p", "0.7", "--blur-sigma", "0.2", "1.0",
+                            "--crop-scale", "0.5", "1.0"])
+    tf = build_data(cfg).transform
+    for view in (tf.view1, tf.view2):
+        assert (view.brightness, view.contrast, view.saturation, view.hue) == (0.1, 0.2, 0.3, 0.5)
+        assert view.grayscale_p == 0.7 and view.scale == (0.5, 1.0)
+        assert view.blur_sigma == pytest.approx((0.1, 0.5))  # 112 px = half of 224
+    assert (tf.view1.blur_p, tf.view2.blur_p, tf.view2.solarize_p) == (1.0, 0.1, 0.2)
+
+
+def test_frozen_patch_embedding_and_object_temperature(tmp_path):
+    from cribo.train import build_models
+
+    cfg = cfg_for(tmp_path, "--epochs", "2", "--batch-size", "8", "--freeze-patch-embed",
+                  "--warmup-teacher-temp-objects", "0.05", "--teacher-temp-objects", "0.09",
+                  "--warmup-teacher-temp", "0.04", "--teacher-temp", "0.07")
+    torch.manual_seed(cfg.seed)  # as train() does before building its networks
+    init = build_models(cfg)["student"].state_dict()
+    train(cfg)
+    student, ck = params(tmp_path / "run" / "checkpoint.pth")
+    for name, value in init.items():
+        moved = not torch.equal(student[name], value)
+        if name.startswith("backbone.patch_embed."):
+            assert not moved, name
+            assert torch.equal(ck["teacher"][name], value), name
+        elif name.startswith("backbone.blocks.0.attn.qkv.weight"):
+            assert moved, name
+    iters = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")][1:]
+    iters = [r for r in iters if r["type"] == "iter"]
+    # 1 warm-up epoch from 0.05 to 0.09; the global term keeps its own schedule.
+    assert [r["teacher_temp_objects"] for r in iters if r["epoch"] == 0] == [0.05] * 6
+    assert [r["teacher_temp_objects"] for r in iters if r["epoch"] == 1] == [0.09] * 6
+    assert all(r["teacher_temp"] == pytest.approx(0.07 if r["epoch"] else 0.04) for r in iters)

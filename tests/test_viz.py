@@ -84,6 +84,24 @@ def test_plot_clusters_same_cluster_same_colour_in_both_views(tmp_path):
     assert "3 of 5 seen in both" in fig._suptitle.get_text()  # clusters 0, 1, 2 of 0-3, 5
 
 
+def test_plot_clusters_can_show_the_plain_views_beside_the_clusters(tmp_path):
+    g, S = 4, 32
+    image = np.zeros((S, S, 3), np.uint8)
+    image[:, :, 0] = 200  # pure red under both views
+    labels = np.repeat(np.arange(4), 4)
+    path = tmp_path / "views.png"
+    fig = viz.plot_clusters(image, image, labels, labels, grid=g, path=path, show_views=True,
+                            gray_base=False, alpha=0.45)
+    png = read_png(path)
+    assert len(fig.axes) == 4 and png.shape[:2] == expected_size(fig)
+    plain = pixel(png, fig.axes[0], 12.0, 12.0)
+    np.testing.assert_allclose(plain, [200, 0, 0], atol=2)  # untinted
+    tinted = pixel(png, fig.axes[2], 12.0, 12.0)
+    assert np.abs(tinted.astype(int) - plain.astype(int)).max() > 20  # the cluster colour
+    # the same cluster, the same colour in the two cluster panels
+    np.testing.assert_array_equal(tinted, pixel(png, fig.axes[3], 12.0, 12.0))
+
+
 def test_plot_clusters_takes_normalised_views_and_batches(tmp_path):
     from cribo.data import normalize
 
