@@ -14,7 +14,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 SETUP = """import os
 TINY = os.environ.get("CRIBO_NB_TINY") == "1"   # CI runs the notebooks at tiny sizes
-import numpy as np
 import cribo
 print("cribo", cribo.__version__, "| kernel threads:", cribo.get_num_threads())"""
 
@@ -27,7 +26,7 @@ CrIBo (*Cross-Image Object-Level Bootstrapping*, ICLR 2024) clusters the tokens 
 cluster *k* in view 2 are the same object seen twice. Here we do it on a real
 photograph that ships with matplotlib, using each patch's pixels as its token (a
 stand-in for a network's tokens; `02_pretrain_and_evaluate` uses a ViT)."""),
-        new_code_cell(SETUP),
+        new_code_cell("import numpy as np\n" + SETUP),
         new_code_cell("""from matplotlib import cbook
 from PIL import Image
 from cribo.data import TwoViewTransform
@@ -128,7 +127,8 @@ else:
     common += ["--epochs", "3", "--n-images", "512"]
     seeds = [0, 1, 2]
 table = run_ablation(["full", "global_only"], seeds, out, common)"""),
-        new_code_cell("""from IPython.display import Image as Show
+        new_code_cell("""from IPython.display import Image as Show, Markdown
+display(Markdown(open(f"{out}/ablation.md").read()))
 Show(filename=f"{out}/ablation.png")"""),
     ],
 }
