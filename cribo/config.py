@@ -26,7 +26,8 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ run
     preset: str = _opt("cpu", "named defaults: 'cpu' (a small ViT on the synthetic scenes, "
-                       "~10 min on 2 cores) or 'vit_small' (the reference ViT-S/16 set-up)",
+                       "~6 min on 2 cores with its evaluation) or 'vit_small' (the "
+                       "reference ViT-S/16 set-up)",
                        choices=("cpu", "vit_small"))
     output_dir: str = _opt("runs/cribo", "folder for checkpoints, logs and the report")
     seed: int = _opt(0, "seed of the data order, augmentations, initialisation and clustering")
@@ -118,7 +119,11 @@ class TrainConfig:
                 for f in fields(self)}
 
 
-#: Preset overrides of the defaults (which are the 'cpu' preset).
+#: Preset overrides of the defaults.  The defaults are the 'cpu' preset, sized for
+#: ~200 steps on 2 cores: a smaller, sharper head (L = 1024, bottleneck 64, teacher
+#: temperature 0.04 throughout), a 4x learning rate, a faster-moving teacher
+#: (momentum from 0.99), the random patch embedding kept fixed (MoCo v3) and the
+#: blur scaled to the 64-px views.  'vit_small' restores the reference values.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu": {},
     "vit_small": dict(arch="vit_small", patch_size=16, img_size=224, drop_path=0.1,

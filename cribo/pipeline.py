@@ -21,7 +21,7 @@ import torch
 
 from .config import TrainConfig
 
-__all__ = ["evaluate_and_report", "eval_datasets"]
+__all__ = ["evaluate_and_report", "eval_datasets", "teacher_usage"]
 
 
 def eval_datasets(cfg: TrainConfig):
@@ -113,6 +113,54 @@ def _match_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> Non
                          title="Queue neighbours (green: passes the cycle check)")
 
 
+def teacher_usage(cfg: TrainConfig, n_images: int = 64) -> Dict[str, float]:
+    """How many of its L outputs the trained teacher really uses: a collapse check.
+
+    Runs the teacher of ``<output_dir>/checkpoint.pth`` on two views of
+    ``n_images`` training scenes, clusters and pools as in training, and applies
+    its centred, sharpened heads (final temperatures).  For the global (CLS) and
+    the object outputs separately it returns the mean entropy of one output
+    distribution and ``exp`` of the entropy of their average, the effective
+    number of outputs in use: near L when the outputs are spread, a few when the
+    teacher has (partly) collapsed onto them.  Both are in nats / counts.
+    """
+    from . import cluster, pool
+    from .train import build_data, build_models
+
+    ck = torch.load(os.path.join(cfg.output_dir, "checkpoint.pth"), map_location="cpu",
+                    weights_only=True)
+    teacher = build_models(cfg)["teacher"]
+    teacher.load_state_dict(ck["teacher"])
+    teacher.eval()
+    data = build_data(cfg)
+    items = [data[i] for i in range(min(n_images, len(data)))]
+    B = len(items)
+    imgs = torch.stack([torch.stack([torch.as_tensor(it["view1"]), torch.as_tensor(it["view2"])])
+                        for it in items])
+    pos = np.stack([np.stack([it["pos1"], it["pos2"]]) for it in items]).astype(np.float32)
+    with torch.no_grad():
+        cls, tok = teacher.backbone(imgs.flatten(0, 1))
+        tok_np = tok.view(B, 2, tok.shape[1], -1).numpy()
+        c = cluster(tok_np, pos, cfg.n_clusters, pos_weight=cfg.pos_weight_end,
+                    sinkhorn_lambda=cfg.sinkhorn_lambda, seed=cfg.seed)
+        objects = pool(tok_np, c.labels, cfg.n_clusters)
+        objects = torch.from_numpy(np.concatenate([objects[:, 0][c.valid],
+                                                   objects[:, 1][c.valid]]))
+        temp_o = cfg.teacher_temp if cfg.teacher_temp_objects is None else cfg.teacher_temp_objects
+        out: Dict[str, float] = {"output width L": float(cfg.out_dim)}
+        for name, logits, centre, temp in (
+                ("global", teacher.head.forward_global(cls), ck["objective"]["center_global"],
+                 cfg.teacher_temp),
+                ("objects", teacher.head.forward_objects(objects),
+                 ck["objective"]["center_objects"], temp_o)):
+            p = torch.softmax((logits - centre) / temp, dim=-1).double()
+            mean = p.mean(0)
+            out[f"{name}: mean entropy"] = float(-(p * p.clamp_min(1e-30).log()).sum(1).mean())
+            out[f"{name}: effective outputs"] = float(
+                (-(mean * mean.clamp_min(1e-30).log()).sum()).exp())
+    return out
+
+
 def evaluate_and_report(cfg: TrainConfig, summary: Optional[Dict[str, Any]] = None
                         ) -> Dict[str, Any]:
     """Dense evaluation of the trained teacher and of its untrained starting point,
@@ -148,6 +196,8 @@ def evaluate_and_report(cfg: TrainConfig, summary: Optional[Dict[str, Any]] = No
         "retrieval per-class IoU": {name: entry(v, res_f.per_class_iou.get(name, float("nan")))
                                     for name, v in res_t.per_class_iou.items()},
     }
+    if os.path.exists(os.path.join(cfg.output_dir, "checkpoint.pth")):
+        metrics["teacher head usage (collapse check)"] = teacher_usage(cfg)
     figures: Dict[str, str] = {}
     log = os.path.join(cfg.output_dir, "log.jsonl")
     if os.path.exists(log):

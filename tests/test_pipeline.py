@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -31,6 +32,14 @@ def test_pretrain_writes_a_report_with_floor_and_intervals(tmp_path, capsys):
         assert name in flat
     md = (rep / "report.md").read_text()
     assert "floor" in md.lower() and "clusters.png" in md
+    usage = metrics["teacher head usage (collapse check)"]
+    L = usage["output width L"]
+    assert L == 64  # TINY's --out-dim
+    for part in ("global", "objects"):
+        assert 1.0 <= usage[f"{part}: effective outputs"] <= L + 1e-6
+        assert 0.0 <= usage[f"{part}: mean entropy"] <= np.log(L) + 1e-9
+        # the average distribution is at least as spread as a single one (concavity)
+        assert np.log(usage[f"{part}: effective outputs"]) >= usage[f"{part}: mean entropy"] - 1e-9
 
 
 def test_ablate_rejects_unknown_variants(tmp_path):
