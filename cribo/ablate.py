@@ -148,21 +148,30 @@ def _write(table: Dict[str, Any], output_dir: str) -> None:
         from matplotlib.figure import Figure
     except ImportError:
         return
-    names = list(table["variants"])
-    fig = Figure(figsize=(2 + 1.2 * len(names), 3.2), dpi=100)
+    # The informative picture is each variant's gain over the untrained network of
+    # the same seed (the scores themselves vary more between seeds than that).
+    gain = bool(table.get("gain"))
+    part = table["gain"] if gain else table["variants"]
+    names = list(part)
+    fig = Figure(figsize=(3 + 1.3 * len(names), 3.4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(names))
-    for j, (k, label) in enumerate(keys[:2] + keys[2:3]):
-        means = [100 * table["variants"][n][k]["mean"] for n in names]
-        stds = [100 * table["variants"][n][k]["std"] for n in names]
-        ax.bar(x + (j - 1) * 0.27, means, 0.27, yerr=stds, label=label, capsize=2)
-        if table["floor"]:
-            ax.axhline(100 * table["floor"][k]["mean"], color=f"C{j}", ls=":", lw=1)
+    for j, (k, label) in enumerate(keys[:3]):
+        means = [100 * part[n][k]["mean"] for n in names]
+        stds = [100 * part[n][k]["std"] for n in names]
+        ax.bar(x + (j - 1) * 0.27, means, 0.27, yerr=stds, label=label, capsize=2,
+               color=f"C{j}")
+        for i, n in enumerate(names):  # every seed as a dot
+            seeds = [100 * v for v in part[n][k]["seeds"].values()]
+            ax.plot(np.full(len(seeds), x[i] + (j - 1) * 0.27), seeds, "k.", ms=3)
+    if gain:
+        ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=20, ha="right")
-    ax.set_ylabel("score (%)")
-    ax.set_title("Ablation (mean ± std over seeds; dotted: untrained floor)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("gain over the untrained network (points)" if gain else "score (%)")
+    ax.set_title("Ablation: mean ± std over seeds, dots = seeds" +
+                 ("; 0 = the same seed's untrained network" if gain else ""), fontsize=10)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "ablation.png"))
 
