@@ -65,10 +65,18 @@ def _cluster_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> N
     c = cluster(tok, pos, cfg.n_clusters, pos_weight=cfg.pos_weight_end,
                 sinkhorn_lambda=cfg.sinkhorn_lambda, seed=cfg.seed)
     g = cfg.img_size // cfg.patch_size
-    viz.plot_clusters(imgs[:, 0].numpy(), imgs[:, 1].numpy(), c.labels[:, 0], c.labels[:, 1],
+    rgb = _channels_last(imgs)
+    viz.plot_clusters(rgb[:, 0], rgb[:, 1], c.labels[:, 0], c.labels[:, 1],
                       grid=(g, g), valid=c.valid, path=path, show_views=True,
                       gray_base=False, alpha=0.45,
                       title="Teacher's joint-space clusters: one colour = one cluster in both views")
+
+
+def _channels_last(views: torch.Tensor) -> np.ndarray:
+    """Un-normalised views (..., 3, H, W) in [0, 1] -> (..., H, W, 3) uint8 for
+    drawing (viz reads a channels-first float image as an ImageNet-normalised one)."""
+    x = np.moveaxis(views.numpy(), -3, -1)
+    return np.ascontiguousarray(np.clip(np.round(x * 255), 0, 255).astype(np.uint8))
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +111,10 @@ def _match_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> Non
         t1, t2 = obj[:, 0][c.valid], obj[:, 1][c.valid]
         match = queue.match(t1, t2)
         if b0 == 48:
-            examples = viz.match_examples(buffer, imgs.numpy(), c.labels, c.valid, match,
+            examples = viz.match_examples(buffer, _channels_last(imgs), c.labels, c.valid, match,
                                           grid=(g, g), max_examples=8,
                                           image_counts=queue.image_counts)
-        buffer.push(imgs.numpy(), c.labels, c.valid)
+        buffer.push(_channels_last(imgs), c.labels, c.valid)
         queue.push(t1, t2, c.valid.sum(1))
     if examples:
         viz.plot_matches(examples, path=path,

@@ -32,6 +32,13 @@ def test_pretrain_writes_a_report_with_floor_and_intervals(tmp_path, capsys):
         assert name in flat
     md = (rep / "report.md").read_text()
     assert "floor" in md.lower() and "clusters.png" in md
+    # The views are drawn in their own colours: the scenes' palette is saturated
+    # (a view wrongly de-normalised comes out grey-pink, spread < 60).
+    from matplotlib.image import imread
+
+    png = imread(rep / "clusters.png")[..., :3]
+    spread = 255 * (png.max(-1) - png.min(-1))
+    assert np.percentile(spread, 99) > 150
     usage = metrics["teacher head usage (collapse check)"]
     L = usage["output width L"]
     assert L == 64  # TINY's --out-dim
