@@ -110,11 +110,12 @@ def _match_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> Non
         obj = pool(tok, c.labels, cfg.n_clusters)
         t1, t2 = obj[:, 0][c.valid], obj[:, 1][c.valid]
         match = queue.match(t1, t2)
+        rgb = _channels_last(imgs)
         if b0 == 48:
-            examples = viz.match_examples(buffer, _channels_last(imgs), c.labels, c.valid, match,
+            examples = viz.match_examples(buffer, rgb, c.labels, c.valid, match,
                                           grid=(g, g), max_examples=8,
                                           image_counts=queue.image_counts)
-        buffer.push(_channels_last(imgs), c.labels, c.valid)
+        buffer.push(rgb, c.labels, c.valid)
         queue.push(t1, t2, c.valid.sum(1))
     if examples:
         viz.plot_matches(examples, path=path,
