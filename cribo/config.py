@@ -111,6 +111,15 @@ class TrainConfig:
     eval_k: int = _opt(30, "neighbours per patch in the dense retrieval")
 
     @property
+    def object_teacher_temps(self) -> tuple:
+        """(initial, final) teacher temperature of the object terms; each falls back
+        to the global term's when not set."""
+        return (self.warmup_teacher_temp if self.warmup_teacher_temp_objects is None
+                else self.warmup_teacher_temp_objects,
+                self.teacher_temp if self.teacher_temp_objects is None
+                else self.teacher_temp_objects)
+
+    @property
     def weights(self) -> tuple:
         return (self.w_global, self.w_objects, self.w_neighbours)
 

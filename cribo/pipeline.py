@@ -155,7 +155,7 @@ def teacher_usage(cfg: TrainConfig, n_images: int = 64) -> Dict[str, float]:
         objects = pool(tok_np, c.labels, cfg.n_clusters)
         objects = torch.from_numpy(np.concatenate([objects[:, 0][c.valid],
                                                    objects[:, 1][c.valid]]))
-        temp_o = cfg.teacher_temp if cfg.teacher_temp_objects is None else cfg.teacher_temp_objects
+        temp_o = cfg.object_teacher_temps[1]
         out: Dict[str, float] = {"output width L": float(cfg.out_dim)}
         for name, logits, centre, temp in (
                 ("global", teacher.head.forward_global(cls), ck["objective"]["center_global"],

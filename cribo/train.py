@@ -83,10 +83,6 @@ def _param_groups(model: nn.Module) -> List[Dict[str, Any]]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _default(value: Optional[float], fallback: float) -> float:
-    return fallback if value is None else value
-
-
 def _clip_gradients(model: nn.Module, clip: float) -> None:
     """DINO's clipping: each parameter's gradient norm to at most ``clip``."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -346,9 +342,7 @@ def train(cfg: TrainConfig,
                                           cfg.epochs, n_iter),
     }
     schedules["teacher_temp_objects"] = teacher_temp_schedule(
-        _default(cfg.warmup_teacher_temp_objects, cfg.warmup_teacher_temp),
-        _default(cfg.teacher_temp_objects, cfg.teacher_temp),
-        cfg.warmup_teacher_temp_epochs, cfg.epochs, n_iter)
+        *cfg.object_teacher_temps, cfg.warmup_teacher_temp_epochs, cfg.epochs, n_iter)
 
     # ============ resume ============
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pth")
