@@ -26,13 +26,14 @@ VARIANTS: Dict[str, List[str]] = {
     "full": [],
     "no_cross_image": ["--w-neighbours", "0"],
     "global_only": ["--w-objects", "0", "--w-neighbours", "0"],
+    "no_curriculum": ["--objects-start-epoch", "0"],
     "no_positional": ["--pos-weight-start", "0", "--pos-weight-end", "0"],
     "K8": ["--n-clusters", "8"],
     "K32": ["--n-clusters", "32"],
     "queue256": ["--queue-size", "256"],
     "queue4096": ["--queue-size", "4096"],
 }
-DEFAULT_VARIANTS = ["full", "no_cross_image", "global_only", "no_positional"]
+DEFAULT_VARIANTS = ["full", "no_cross_image", "global_only", "no_positional", "no_curriculum"]
 
 
 def _metrics(res: Any, probe: Any) -> Dict[str, float]:

@@ -289,6 +289,7 @@ class CriboObjective(nn.Module):
                 step: int = 0, teacher_temp: float = 0.07,
                 teacher_temp_objects: Optional[float] = None,
                 pos_weight: Optional[float] = None,
+                use_objects: bool = True,
                 use_neighbours: bool = True) -> ObjectiveOutput:
         """One step of the objective.
 
@@ -311,6 +312,10 @@ class CriboObjective(nn.Module):
             teacher_temp: tau_t of the global term at this step.
             teacher_temp_objects: tau_t of the object terms (default: teacher_temp).
             pos_weight: positional weight at this step (default: the constructor's).
+            use_objects: include the object terms (cross-view and cross-image);
+                when False only the global term is trained, as in a curriculum
+                that shapes the features before bootstrapping their clusters.  The
+                clustering, queue and centres run either way.
             use_neighbours: compute the cross-image term (the queue is looked up and
                 filled either way; CrIBo starts the term after the first epoch).
 
@@ -369,6 +374,8 @@ class CriboObjective(nn.Module):
         with torch.no_grad():
             tg = teacher_head.forward_global(teacher_cls.transpose(0, 1).reshape(2 * B, d))
             to = teacher_head.forward_objects(torch.from_numpy(np.concatenate([t1, t2])).to(dev))
+            w_obj = self.weights[1] if use_objects else 0.0
+            use_neighbours = use_neighbours and use_objects
             w_nn = self.weights[2] if use_neighbours else 0.0
             tn = None
             if use_neighbours and M > 0 and (match.mask1.any() or match.mask2.any()):
@@ -391,7 +398,7 @@ class CriboObjective(nn.Module):
                       center_objects=_host(self.center_objects),
                       student_temp=self.student_temp, teacher_temp=teacher_temp,
                       teacher_temp_objects=teacher_temp_objects,
-                      weights=(self.weights[0], self.weights[1], w_nn),
+                      weights=(self.weights[0], w_obj, w_nn),
                       center_momentum=self.center_momentum, denominators=den)
         # DDP averages gradients over processes; each process holds a share of the
         # global loss, so its gradient is scaled by the world size to sum instead.

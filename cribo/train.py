@@ -205,11 +205,13 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
                 g, o = student(images, labels, valid)
             return g.float(), o.float()
 
+        use_objects = epoch >= cfg.objects_start_epoch
+        use_neighbours = epoch >= cfg.objects_start_epoch + cfg.nn_start_epoch
         out = objective(student_fn, t_cls, t_tok, positions, teacher.head, image_ids=ids,
                         step=it, teacher_temp=float(schedules["teacher_temp"][it]),
                         teacher_temp_objects=float(schedules["teacher_temp_objects"][it]),
                         pos_weight=float(schedules["pos_weight"][it]),
-                        use_neighbours=epoch >= cfg.nn_start_epoch)
+                        use_objects=use_objects, use_neighbours=use_neighbours)
         if not math.isfinite(out.terms["total"]):
             raise NonFiniteLoss(
                 f"the loss is {out.terms['total']} at epoch {epoch}, iteration {it} "
@@ -260,6 +262,8 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
                    "teacher_temp": float(schedules["teacher_temp"][it]),
                    "teacher_temp_objects": float(schedules["teacher_temp_objects"][it]),
                    "pos_weight": float(schedules["pos_weight"][it]),
+                   "w_objects": cfg.w_objects if use_objects else 0.0,
+                   "w_neighbours": cfg.w_neighbours if use_neighbours else 0.0,
                    **{f"loss_{k}": v for k, v in out.terms.items()}, **out.stats,
                    **{f"t_{k}": round(v, 6) for k, v in timings.items()},
                    "time": time.time() - t0}
@@ -474,8 +478,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if _is_main():
         h = summary["history"]
         if h:
-            print(f"done in {summary['seconds']:.0f} s: loss {h[0]['total']:.4f} (first epoch) "
-                  f"-> {h[-1]['total']:.4f} (last); checkpoint {summary['checkpoint']}")
+            terms = ", ".join(f"{k} {h[0][k]:.3f} -> {h[-1][k]:.3f}"
+                              for k in ("global", "objects", "neighbours"))
+            print(f"done in {summary['seconds']:.0f} s; epoch-mean losses, first -> last: "
+                  f"{terms}; checkpoint {summary['checkpoint']}")
         if cfg.evaluate and cfg.data == "synthetic":
             from .pipeline import evaluate_and_report
 

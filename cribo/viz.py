@@ -256,7 +256,8 @@ def _cluster_picture(rgb: np.ndarray, lab: np.ndarray, valid: np.ndarray,
     base = np.repeat(gray, 3, axis=2) if gray_base else rgb
     tint = (1 - alpha) * base + alpha * colors[up]
     greyed = 0.45 * gray + 0.55 * _GREY
-    return np.where(ok[:, :, None], tint, greyed)
+    # Float rounding of the blend can overshoot 1 by an ulp; imshow warns on that.
+    return np.clip(np.where(ok[:, :, None], tint, greyed), 0.0, 1.0)
 
 
 def plot_clusters(view1_image: Any, view2_image: Any, labels1: Any, labels2: Any,

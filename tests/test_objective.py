@@ -128,6 +128,45 @@ def test_objective_matches_plain_autograd(weights):
     assert exercised_nn
 
 
+def test_use_objects_false_trains_the_global_term_only():
+    """The curriculum switch (``objects_start_epoch``): with ``use_objects=False``
+    the loss and every gradient are the global term's, as with weights (w, 0, 0),
+    while the object terms are still measured and the queue still fills."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    s_bb, s_head = TinyBackbone(), TinyHead()
+    t_bb, t_head = copy.deepcopy(s_bb), copy.deepcopy(s_head)
+    full = CriboObjective(L, D, n_clusters=K, queue_size=6, weights=(0.7, 1.0, 1.0), seed=3)
+    dino = CriboObjective(L, D, n_clusters=K, queue_size=6, weights=(0.7, 0.0, 0.0), seed=3)
+    grid = np.stack(np.meshgrid(np.arange(3), np.arange(3)), -1).reshape(-1, 2) * 8.0
+    params = list(s_bb.parameters()) + list(s_head.parameters())
+    for step in range(3):
+        x = torch.from_numpy(rng.standard_normal((B, 2, N, P)).astype(np.float32))
+        pos = (grid + rng.uniform(0, 4, (B, 2, 1, 2))).astype(np.float32)
+        ids = np.arange(B) + 10 * step
+        with torch.no_grad():
+            t_cls, t_tok = t_bb(x)
+        grads, outs = [], []
+        for obj, use in ((full, False), (dino, True)):
+            s_cls, s_tok = s_bb(x)
+            out = obj(lambda lab, val: student_logits(s_cls, s_tok, s_head, lab, val),
+                      t_cls, t_tok, pos, t_head, image_ids=ids, step=step,
+                      teacher_temp=0.05, use_objects=use)
+            grads.append(torch.autograd.grad(out.loss, params, allow_unused=True))
+            outs.append(out)
+        a, b = outs
+        assert a.loss.item() == pytest.approx(0.7 * a.terms["global"], rel=1e-6)
+        assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6)
+        assert a.terms["objects"] > 0  # measured, not trained
+        for ga, gb in zip(*grads):
+            if ga is None or gb is None:
+                assert ga is None or not ga.any()
+                assert gb is None or not gb.any()
+            else:
+                torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+    assert len(full.queue) == len(dino.queue) > 0
+
+
 def test_objective_state_dict_carries_queue_and_centres():
     obj = CriboObjective(L, D, n_clusters=K, queue_size=6)
     rng = np.random.default_rng(1)

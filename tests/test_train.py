@@ -20,7 +20,8 @@ TINY = ["--n-images", "48", "--scene-size", "48", "--img-size", "32", "--patch-s
         "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--out-dim", "64",
         "--head-hidden-dim", "64", "--head-bottleneck-dim", "32", "--n-clusters", "6",
         "--queue-size", "40", "--num-workers", "0", "--no-progress", "--threads", "1",
-        "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "1", "--log-every", "1"]
+        "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "1", "--log-every", "1",
+        "--objects-start-epoch", "0"]
 
 
 def cfg_for(tmp_path, *extra, name="run"):
@@ -206,3 +207,29 @@ def test_frozen_patch_embedding_and_object_temperature(tmp_path):
     assert [r["teacher_temp_objects"] for r in iters if r["epoch"] == 0] == [0.05] * 6
     assert [r["teacher_temp_objects"] for r in iters if r["epoch"] == 1] == [0.09] * 6
     assert all(r["teacher_temp"] == pytest.approx(0.07 if r["epoch"] else 0.04) for r in iters)
+
+
+def test_object_terms_start_after_the_global_term(tmp_path):
+    """--objects-start-epoch 1: epoch 0 trains the global term alone (the object
+    terms are measured but weigh 0), the object term joins at epoch 1 and the
+    cross-image term nn_start_epoch (1) epochs later."""
+    cfg = cfg_for(tmp_path, "--epochs", "3", "--batch-size", "8", "--objects-start-epoch", "1")
+    train(cfg)
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    iters = [r for r in recs if r["type"] == "iter"]
+    by_epoch = {e: [r for r in iters if r["epoch"] == e] for e in range(3)}
+    for r in by_epoch[0]:
+        assert r["w_objects"] == 0.0 and r["w_neighbours"] == 0.0
+        assert r["loss_objects"] > 0
+        assert r["loss_total"] == pytest.approx(r["loss_global"], rel=1e-6)
+    for r in by_epoch[1]:
+        assert r["w_objects"] == 1.0 and r["w_neighbours"] == 0.0
+        assert r["loss_total"] == pytest.approx(r["loss_global"] + r["loss_objects"], rel=1e-6)
+    assert all(r["w_neighbours"] == 1.0 for r in by_epoch[2])
+    assert any(r["loss_neighbours"] > 0 for r in by_epoch[2])
+
+
+@pytest.mark.parametrize("flag", ["--objects-start-epoch", "--nn-start-epoch"])
+def test_negative_start_epochs_are_rejected(flag):
+    with pytest.raises(ValueError, match="start_epoch"):
+        config_from_args(TINY + [flag, "-1"])
