@@ -78,9 +78,10 @@ class TrainConfig:
     w_global: float = _opt(1.0, "weight of the global cross-view term")
     w_objects: float = _opt(1.0, "weight of the cross-view object term")
     w_neighbours: float = _opt(1.0, "weight of the cross-image object term")
-    objects_start_epoch: int = _opt(3, "epoch at which the object terms start; before it "
-                                    "only the global term trains, so the clusters are found "
-                                    "in features it has shaped (0 in the reference)")
+    objects_start_epoch: Optional[int] = _opt(
+        None, "epoch at which the object terms start; before it only the global term "
+        "trains, so the clusters are found in features it has shaped (default: half-way, "
+        "epochs // 2; 0 in the reference)", type=int)
     nn_start_epoch: int = _opt(1, "epoch at which the cross-image term starts (counted "
                                "from objects_start_epoch)")
     exclude_same_image: bool = _opt(True, "never match an object to its own image in the queue")
@@ -124,6 +125,12 @@ class TrainConfig:
                 else self.teacher_temp_objects)
 
     @property
+    def objects_start(self) -> int:
+        """The epoch at which the object terms start (``objects_start_epoch``, or
+        half-way through the run when it is not set)."""
+        return self.epochs // 2 if self.objects_start_epoch is None else self.objects_start_epoch
+
+    @property
     def weights(self) -> tuple:
         return (self.w_global, self.w_objects, self.w_neighbours)
 
@@ -137,10 +144,10 @@ class TrainConfig:
 #: temperature 0.04 throughout), a 4x learning rate, a faster-moving teacher
 #: (momentum from 0.99), the random patch embedding kept fixed (MoCo v3), the
 #: blur scaled to the 64-px views, and the object terms started half-way
-#: (objects_start_epoch 3): from the first step, at this budget, they train the
-#: tokens on clusters of the random network's features and end below the
-#: untrained network (see README, "Ablation").  'vit_small' restores the
-#: reference values.
+#: (objects_start_epoch unset: epochs // 2).  Started at the first step, at this
+#: budget, they train the tokens on clusters of the random network's features
+#: and end below the untrained network (README, "What the CPU run shows").
+#: 'vit_small' restores the reference values.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu": {},
     "vit_small": dict(arch="vit_small", patch_size=16, img_size=224, drop_path=0.1,
@@ -254,9 +261,12 @@ def _validate(cfg: TrainConfig) -> None:
     need(1 <= cfg.n_clusters <= 2 * n_tokens,
          f"n_clusters must be in [1, 2N = {2 * n_tokens}] for {n_tokens} tokens per view, "
          f"got {cfg.n_clusters}")
-    need(cfg.objects_start_epoch >= 0 and cfg.nn_start_epoch >= 0,
+    need(cfg.objects_start >= 0 and cfg.nn_start_epoch >= 0,
          f"objects_start_epoch and nn_start_epoch must be >= 0, got "
          f"{cfg.objects_start_epoch} and {cfg.nn_start_epoch}")
+    need(cfg.w_objects == 0 or cfg.objects_start < cfg.epochs,
+         f"objects_start_epoch ({cfg.objects_start}) must be < epochs ({cfg.epochs}), or the "
+         f"object terms never train (set --w-objects 0 for the global term alone)")
     need(cfg.queue_size >= 1, f"queue_size must be >= 1, got {cfg.queue_size}")
     need(cfg.warmup_epochs >= 0 and cfg.warmup_teacher_temp_epochs >= 0,
          "warmup_epochs and warmup_teacher_temp_epochs must be >= 0")

@@ -170,6 +170,20 @@ def teacher_usage(cfg: TrainConfig, n_images: int = 64) -> Dict[str, float]:
     return out
 
 
+def _terms_schedule(cfg: TrainConfig) -> str:
+    """One sentence: which loss terms trained in which epochs."""
+    if cfg.w_objects == 0 and cfg.w_neighbours == 0:
+        return "Loss: the global term only (DINO)."
+    start = cfg.objects_start
+    nn = start + cfg.nn_start_epoch
+    parts = ["Loss: the global term from epoch 1"]
+    if cfg.w_objects > 0:
+        parts.append(f"the cross-view object term from epoch {start + 1}")
+    if cfg.w_neighbours > 0 and nn < cfg.epochs:
+        parts.append(f"the cross-image term from epoch {nn + 1}")
+    return ", ".join(parts) + f" (of {cfg.epochs})."
+
+
 def evaluate_and_report(cfg: TrainConfig, summary: Optional[Dict[str, Any]] = None
                         ) -> Dict[str, Any]:
     """Dense evaluation of the trained teacher and of its untrained starting point,
@@ -227,6 +241,7 @@ def evaluate_and_report(cfg: TrainConfig, summary: Optional[Dict[str, Any]] = No
     notes = [
         f"Trained for {cfg.epochs} epochs on {cfg.n_images} synthetic scenes "
         f"({summary['seconds'] / 60:.1f} min)." if summary else "",
+        _terms_schedule(cfg),
         "Untrained floor: the same ViT at its initialisation (same seed). Intervals: "
         "paired bootstrap over validation images (1000 resamples) of trained - floor.",
         f"Dense retrieval: k={cfg.eval_k}, temperature 0.02, bank of "

@@ -205,8 +205,8 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
                 g, o = student(images, labels, valid)
             return g.float(), o.float()
 
-        use_objects = epoch >= cfg.objects_start_epoch
-        use_neighbours = epoch >= cfg.objects_start_epoch + cfg.nn_start_epoch
+        use_objects = epoch >= cfg.objects_start
+        use_neighbours = epoch >= cfg.objects_start + cfg.nn_start_epoch
         out = objective(student_fn, t_cls, t_tok, positions, teacher.head, image_ids=ids,
                         step=it, teacher_temp=float(schedules["teacher_temp"][it]),
                         teacher_temp_objects=float(schedules["teacher_temp_objects"][it]),

@@ -32,6 +32,9 @@ def test_pretrain_writes_a_report_with_floor_and_intervals(tmp_path, capsys):
         assert name in flat
     md = (rep / "report.md").read_text()
     assert "floor" in md.lower() and "clusters.png" in md
+    # TINY starts the object terms at epoch 0 (1-based: 1); the report says so.
+    assert "cross-view object term from epoch 1, the cross-image term" not in md  # 1 epoch
+    assert "the cross-view object term from epoch 1 (of 1)" in md
     # The views are drawn in their own colours: the scenes' palette is saturated
     # (a view wrongly de-normalised comes out grey-pink, spread < 60).
     from matplotlib.image import imread

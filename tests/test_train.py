@@ -233,3 +233,15 @@ def test_object_terms_start_after_the_global_term(tmp_path):
 def test_negative_start_epochs_are_rejected(flag):
     with pytest.raises(ValueError, match="start_epoch"):
         config_from_args(TINY + [flag, "-1"])
+
+
+def test_object_terms_start_half_way_unless_set():
+    assert config_from_args(["--epochs", "6"]).objects_start == 3
+    assert config_from_args(["--epochs", "3"]).objects_start == 1
+    assert config_from_args(["--epochs", "1"]).objects_start == 0
+    assert config_from_args(["--epochs", "6", "--objects-start-epoch", "0"]).objects_start == 0
+    assert config_from_args(["--preset", "vit_small"]).objects_start == 0
+    with pytest.raises(ValueError, match=r"objects_start_epoch \(4\) must be < epochs \(4\)"):
+        config_from_args(["--epochs", "4", "--objects-start-epoch", "4"])
+    # The global term alone may leave them off for good.
+    config_from_args(["--epochs", "4", "--objects-start-epoch", "4", "--w-objects", "0"])
