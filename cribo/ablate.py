@@ -120,25 +120,26 @@ def _summarise(rows: Dict[str, Dict[int, Dict[str, float]]],
 def _write(table: Dict[str, Any], output_dir: str) -> None:
     keys = [("retrieval_miou", "retrieval mIoU"), ("retrieval_fg_iou", "retrieval fg/bg IoU"),
             ("probe_miou", "probe mIoU"), ("probe_fg_iou", "probe fg/bg IoU")]
-    lines = ["| variant | " + " | ".join(label for _, label in keys) + " |",
-             "|---|" + "---:|" * len(keys)]
+    header = ["| variant | seeds | " + " | ".join(label for _, label in keys) + " |",
+              "|---|---:|" + "---:|" * len(keys)]
 
-    def cell(d: Dict[str, float]) -> str:
+    def cell(d: Dict[str, Any]) -> str:  # one seed has no spread to show
+        if len(d["seeds"]) == 1:
+            return f"{100 * d['mean']:.1f}"
         return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f}"
 
-    for name, m in table["variants"].items():
-        lines.append(f"| {name} | " + " | ".join(cell(m[k]) for k, _ in keys) + " |")
+    def row(name: str, m: Dict[str, Any]) -> str:
+        return (f"| {name} | {len(m[keys[0][0]]['seeds'])} | "
+                + " | ".join(cell(m[k]) for k, _ in keys) + " |")
+
+    lines = header + [row(name, m) for name, m in table["variants"].items()]
     if table["floor"]:
-        lines.append("| untrained floor | " + " | ".join(cell(table["floor"][k])
-                                                       for k, _ in keys) + " |")
+        lines.append(row("untrained floor", table["floor"]))
     for title, part in (("Gain over the untrained floor (same seed)", "gain"),
                         ("Full CrIBo minus each variant (same seed)", "full_minus")):
         if table.get(part):
-            lines += ["", f"{title}, mean ± std over seeds:", "",
-                      "| variant | " + " | ".join(label for _, label in keys) + " |",
-                      "|---|" + "---:|" * len(keys)]
-            lines += [f"| {name} | " + " | ".join(cell(m[k]) for k, _ in keys) + " |"
-                      for name, m in table[part].items()]
+            lines += ["", f"{title}, mean ± std over seeds:", ""] + header
+            lines += [row(name, m) for name, m in table[part].items()]
     md = "\n".join(lines) + "\n"
     with open(os.path.join(output_dir, "ablation.md"), "w") as fh:
         fh.write(md)

@@ -77,6 +77,8 @@ def test_ablation_table_pairs_seeds_and_resumes_without_retraining(tmp_path, mon
         assert table["full_minus"]["global_only"][key]["mean"] == pytest.approx(sum(lead) / 2)
     md = (tmp_path / "ablation.md").read_text()
     assert "untrained floor" in md and "Full CrIBo minus" in md
+    g = table["gain"]["global_only"]["retrieval_miou"]
+    assert f"| global_only | 2 | {100 * g['mean']:.1f} ± {100 * g['std']:.1f} |" in md
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
     def no_training(cfg):
@@ -85,3 +87,17 @@ def test_ablation_table_pairs_seeds_and_resumes_without_retraining(tmp_path, mon
     monkeypatch.setattr(cribo.train, "train", no_training)
     again = run_ablation(["full", "global_only"], [0, 1], str(tmp_path), common)
     assert again == json.loads(json.dumps(table))
+
+
+def test_ablation_table_counts_seeds_and_shows_no_spread_for_one(tmp_path):
+    from cribo.ablate import _summarise, _write
+
+    m = {"retrieval_miou": 0.25, "retrieval_fg_iou": 0.4, "probe_miou": 0.1, "probe_fg_iou": 0.02}
+    m2 = {k: v + 0.01 for k, v in m.items()}
+    rows = {"full": {0: m, 1: m2}, "K8": {0: m2}}
+    _write(_summarise(rows, {0: m, 1: m}), str(tmp_path))
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| full | 2 | 25.5 ± 0.5 | 40.5 ± 0.5 |" in md
+    assert "| K8 | 1 | 26.0 | 41.0 | 11.0 | 3.0 |" in md
+    assert "| untrained floor | 2 | 25.0 ± 0.0 |" in md
+    assert "| K8 | 1 | -1.0 | -1.0 | -1.0 | -1.0 |" in md  # full minus K8, seed 0
