@@ -42,8 +42,14 @@ def _metrics(res: Any, probe: Any) -> Dict[str, float]:
 
 
 def run_ablation(variants: Sequence[str], seeds: Sequence[int], output_dir: str,
-                 extra: Sequence[str] = ()) -> Dict[str, Any]:
-    """Trains and evaluates every (variant, seed); returns and writes the table."""
+                 extra: Sequence[str] = (), table_only: bool = False) -> Dict[str, Any]:
+    """Trains and evaluates every (variant, seed); returns and writes the table.
+
+    A (variant, seed) whose ``eval.json`` exists in ``output_dir`` is read, not
+    trained again.  With ``table_only`` nothing is trained: the table is built
+    from the finished runs among ``variants`` x ``seeds`` (to combine several
+    invocations, e.g. sweeps run with fewer seeds).
+    """
     from .config import config_from_args
     from .evaluate import dense_evaluation, random_init_like
     from .pipeline import _teacher_backbone, eval_datasets
@@ -68,6 +74,8 @@ def run_ablation(variants: Sequence[str], seeds: Sequence[int], output_dir: str,
             done = os.path.join(run_dir, "eval.json")
             if os.path.exists(done):  # resumable: a finished (variant, seed) is kept
                 rows.setdefault(name, {})[seed] = json.load(open(done))
+                continue
+            if table_only:
                 continue
             print(f"== {name}, seed {seed}", flush=True)
             train(cfg)
@@ -123,10 +131,13 @@ def _write(table: Dict[str, Any], output_dir: str) -> None:
     header = ["| variant | seeds | " + " | ".join(label for _, label in keys) + " |",
               "|---|---:|" + "---:|" * len(keys)]
 
+    def pts(x: float) -> str:  # points, without a "-0.0"
+        return f"{round(100 * x, 1) + 0.0:.1f}"
+
     def cell(d: Dict[str, Any]) -> str:  # one seed has no spread to show
         if len(d["seeds"]) == 1:
-            return f"{100 * d['mean']:.1f}"
-        return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f}"
+            return pts(d["mean"])
+        return f"{pts(d['mean'])} ± {pts(d['std'])}"
 
     def row(name: str, m: Dict[str, Any]) -> str:
         return (f"| {name} | {len(m[keys[0][0]]['seeds'])} | "
@@ -191,7 +202,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help=f"comma-separated names from {sorted(VARIANTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--output-dir", default="runs/ablation", help="folder of runs and tables")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: rebuild the table from the finished runs in "
+                   "--output-dir (e.g. after sweeps run with other seeds)")
     args = p.parse_args(argv)
-    run_ablation([v for v in args.variants.split(",") if v], args.seeds, args.output_dir,
-                 extra)
+    table = run_ablation([v for v in args.variants.split(",") if v], args.seeds,
+                         args.output_dir, extra, table_only=args.table_only)
+    if not table["variants"]:
+        print(f"cribo ablate: no finished run of these variants and seeds in "
+              f"{args.output_dir}", file=sys.stderr)
+        return 1
     return 0

@@ -87,6 +87,15 @@ def test_ablation_table_pairs_seeds_and_resumes_without_retraining(tmp_path, mon
     monkeypatch.setattr(cribo.train, "train", no_training)
     again = run_ablation(["full", "global_only"], [0, 1], str(tmp_path), common)
     assert again == json.loads(json.dumps(table))
+    # --table-only combines what is there and trains nothing (K8 never ran).
+    from cribo.ablate import main as ablate_main
+
+    assert ablate_main(["--variants", "full,K8", "--seeds", "0", "1", "2", "--table-only",
+                        "--output-dir", str(tmp_path)]) == 0
+    combined = json.load(open(tmp_path / "ablation.json"))
+    assert list(combined["variants"]) == ["full"]
+    assert combined["variants"]["full"] == json.loads(json.dumps(table["variants"]["full"]))
+    assert ablate_main(["--variants", "K8", "--table-only", "--output-dir", str(tmp_path)]) == 1
 
 
 def test_ablation_table_counts_seeds_and_shows_no_spread_for_one(tmp_path):
@@ -94,9 +103,11 @@ def test_ablation_table_counts_seeds_and_shows_no_spread_for_one(tmp_path):
 
     m = {"retrieval_miou": 0.25, "retrieval_fg_iou": 0.4, "probe_miou": 0.1, "probe_fg_iou": 0.02}
     m2 = {k: v + 0.01 for k, v in m.items()}
-    rows = {"full": {0: m, 1: m2}, "K8": {0: m2}}
+    m3 = {k: v + 0.0004 for k, v in m.items()}  # full minus K32 = -0.04 points
+    rows = {"full": {0: m, 1: m2}, "K8": {0: m2}, "K32": {0: m3}}
     _write(_summarise(rows, {0: m, 1: m}), str(tmp_path))
     md = (tmp_path / "ablation.md").read_text()
+    assert "| K32 | 1 | 0.0 | 0.0 | 0.0 | 0.0 |" in md and "-0.0" not in md
     assert "| full | 2 | 25.5 ± 0.5 | 40.5 ± 0.5 |" in md
     assert "| K8 | 1 | 26.0 | 41.0 | 11.0 | 3.0 |" in md
     assert "| untrained floor | 2 | 25.0 ± 0.0 |" in md
