@@ -180,6 +180,9 @@ def _write(table: Dict[str, Any], output_dir: str) -> None:
     if gain:
         ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(x)
+    n_seeds = [len(part[n][keys[0][0]]["seeds"]) for n in names]
+    if len(set(n_seeds)) > 1:  # means over different seeds: say so under each bar
+        names = [f"{n} ({k} seeds)" for n, k in zip(names, n_seeds)]
     ax.set_xticklabels(names, rotation=20, ha="right")
     ax.set_ylabel("gain over the untrained network (points)" if gain else "score (%)")
     ax.set_title("Ablation: mean ± std over seeds, dots = seeds" +
