@@ -8,6 +8,8 @@ is the floor.  Writes ``<output_dir>/ablation.md`` (mean ± std over seeds),
 
     cribo ablate                                   # the default variants, 3 seeds
     cribo ablate --variants full,global_only --seeds 0 1 2 3 -- --epochs 6
+    cribo ablate --variants K8,K32 --seeds 0 1     # a sweep, into the same folder
+    cribo ablate --table-only --variants full,global_only,K8,K32   # one table of both
 """
 from __future__ import annotations
 
