@@ -131,6 +131,12 @@ class TrainConfig:
         return self.epochs // 2 if self.objects_start_epoch is None else self.objects_start_epoch
 
     @property
+    def neighbours_start(self) -> int:
+        """The epoch at which the cross-image term starts: nn_start_epoch epochs
+        after the object terms."""
+        return self.objects_start + self.nn_start_epoch
+
+    @property
     def weights(self) -> tuple:
         return (self.w_global, self.w_objects, self.w_neighbours)
 

@@ -174,13 +174,11 @@ def _terms_schedule(cfg: TrainConfig) -> str:
     """One sentence: which loss terms trained in which epochs."""
     if cfg.w_objects == 0 and cfg.w_neighbours == 0:
         return "Loss: the global term only (DINO)."
-    start = cfg.objects_start
-    nn = start + cfg.nn_start_epoch
     parts = ["Loss: the global term from epoch 1"]
     if cfg.w_objects > 0:
-        parts.append(f"the cross-view object term from epoch {start + 1}")
-    if cfg.w_neighbours > 0 and nn < cfg.epochs:
-        parts.append(f"the cross-image term from epoch {nn + 1}")
+        parts.append(f"the cross-view object term from epoch {cfg.objects_start + 1}")
+    if cfg.w_neighbours > 0 and cfg.neighbours_start < cfg.epochs:
+        parts.append(f"the cross-image term from epoch {cfg.neighbours_start + 1}")
     return ", ".join(parts) + f" (of {cfg.epochs})."
 
 

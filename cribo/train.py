@@ -206,7 +206,7 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
             return g.float(), o.float()
 
         use_objects = epoch >= cfg.objects_start
-        use_neighbours = epoch >= cfg.objects_start + cfg.nn_start_epoch
+        use_neighbours = epoch >= cfg.neighbours_start
         out = objective(student_fn, t_cls, t_tok, positions, teacher.head, image_ids=ids,
                         step=it, teacher_temp=float(schedules["teacher_temp"][it]),
                         teacher_temp_objects=float(schedules["teacher_temp_objects"][it]),
