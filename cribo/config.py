@@ -34,7 +34,19 @@ class TrainConfig:
     device: str = _opt("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
     threads: int = _opt(1, "CPU threads for torch and the C kernels (0: all cores); 1 is "
                         "fastest on a 2-core machine, where the data workers use the other core")
-    resume: bool = _opt(False, "continue from output_dir/checkpoint.pth if it exists")
+    resume: Optional[bool] = _opt(
+        None, "continue from output_dir/checkpoint.pth. Unset (the default): continue when "
+        "the folder holds a checkpoint written with the same options (a requeued job picks "
+        "up where it stopped), refuse one written with different options, start afresh "
+        "otherwise; --resume: the same, but a missing checkpoint is an error; --no-resume: "
+        "start afresh, replacing what the folder holds", boolean=True)
+    allow_config_change: bool = _opt(False, "on resume, accept options that differ from the "
+                                     "checkpoint's (they are listed, and logged)")
+    keep_checkpoints: int = _opt(0, "epoch snapshots (checkpointNNNN.pth) kept beside "
+                                 "checkpoint.pth, the newest N; 0 keeps only the latest")
+    dist_timeout: float = _opt(600.0, "seconds a process waits for the others in a "
+                               "collective before stopping with the rank that stopped "
+                               "answering (distributed runs)")
     amp: bool = _opt(False, "mixed precision (bfloat16 autocast) for the networks")
     log_every: int = _opt(10, "iterations between JSON-lines log records")
     save_every: int = _opt(1, "epochs between checkpoints (one is always written at the end)")
@@ -181,7 +193,7 @@ def build_parser(prog: str = "cribo pretrain") -> argparse.ArgumentParser:
         kw: Dict[str, Any] = {"help": f.metadata["help"], "dest": f.name,
                               "default": argparse.SUPPRESS}
         default = getattr(defaults, f.name)
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.metadata.get("boolean"):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, (tuple, list)):
             kw.update(type=float, nargs=f.metadata.get("nargs", "+"))
