@@ -12,9 +12,11 @@ count (threadpoolctl limits NumPy's BLAS) on a large block of the same inner
 width d, and prints the ratio.
 
 What the C search does besides the gemm: it copies each 1024-row bank block
-and each 1024-row query chunk L2-normalised before its sgemm (norms in double)
-and scans each similarity row for the top k (skipping rows whose maximum does
-not beat the current k-th).  Those copies and scans are counted as overhead:
+and each 1024-row query chunk L2-normalised before its sgemm (norms in double),
+scans each similarity row for the top k (skipping rows whose maximum plus the
+gemm's error bound cannot reach the current k-th) and re-scores the rows that
+can with a fixed-order double dot product (the ranking is exact and the same on
+every BLAS kernel).  Those copies, scans and re-scores are counted as overhead:
 the flop count is the gemm's alone.
 
 The default run uses 20 validation images' worth of queries: the throughput

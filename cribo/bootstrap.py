@@ -1,4 +1,4 @@
-"""Cross-image nearest-neighbour bootstrapping (SPEC §4; C kernel: csrc/bootstrap.c).
+"""Cross-image nearest-neighbour bootstrapping (docs/method.md §4; C kernel: csrc/bootstrap.c).
 
 A memory queue of the teacher's object representations of recent images; each
 object of the current batch retrieves its nearest neighbour in the queue (per
@@ -21,11 +21,23 @@ __all__ = ["topk_cosine", "ObjectQueue", "Match"]
 
 def topk_cosine(queries: Any, bank: Any, k: int = 1, *, query_ids: Any = None,
                 bank_ids: Any = None) -> Tuple[np.ndarray, np.ndarray]:
-    """The k most cosine-similar bank rows of each query.
+    """The k most cosine-similar bank rows of each query, ranked exactly.
 
-    The bank is searched in blocks (sgemm on 1024 x 1024 tiles), so the extra
-    memory is a few MB per thread whatever the bank size.  A zero vector has
-    similarity 0 with everything.
+    Exact means: the ranking is by a score computed from the float32 rows alone,
+    ``dot(x, y) / (|x| |y|)`` with the products and sums in double in one fixed
+    order (0 where either row is zero), and results are sorted by (score
+    descending, bank index ascending).  The score of two rows does not depend on
+    where they sit in the bank, on the thread count, on how the queries are
+    chunked or on the CPU and BLAS kernel, so equal rows always tie and ties
+    always go to the lowest index, and the result is bit-for-bit the same on
+    every machine.  It is the true cosine to within about ``4 (d + 4) 2^-53``, so
+    only rows whose true cosines agree that closely may be ordered either way
+    (the same way everywhere).  The bank is scanned in blocks (sgemm on
+    1024 x 1024 tiles of L2-normalised copies, a few MB per thread whatever the
+    bank size); every row whose sgemm similarity could reach the current k-th
+    score, by a worst-case bound on the sgemm's rounding, is re-scored exactly
+    (csrc/bootstrap.c).  Many near-ties (a bank of copies of one row) are
+    correct but slower: each of them is re-scored.  Any finite magnitude works.
 
     Args:
         queries: (M, d) float.
@@ -36,8 +48,11 @@ def topk_cosine(queries: Any, bank: Any, k: int = 1, *, query_ids: Any = None,
 
     Returns:
         ``(indices, similarities)``: (M, k) int64 and (M, k) float32, sorted by
-        similarity (descending), ties to the lowest bank index.  Where exclusion
-        leaves fewer than k candidates the rest are index -1, similarity -inf.
+        the exact score (descending), ties to the lowest bank index; each
+        similarity is the exact score rounded to float32 (so two neighbours whose
+        scores differ below float32 resolution show equal similarities, in the
+        order of their scores).  Where exclusion leaves fewer than k candidates
+        the rest are index -1, similarity -inf.
     """
     fn = "topk_cosine"
     q = as_float32(queries, fn, "queries")
@@ -96,7 +111,7 @@ class ObjectQueue:
     Example:
         >>> q = cribo.ObjectQueue(capacity=1000, dim=384)
         >>> m = q.match(t1, t2)             # look up, then
-        >>> q.push(t1, t2, counts)          # push the batch (SPEC §4 order)
+        >>> q.push(t1, t2, counts)          # push the batch (docs/method.md §4 order)
     """
 
     def __init__(self, capacity: int, dim: int, *, exclude_same_image: bool = True) -> None:
@@ -239,7 +254,7 @@ class ObjectQueue:
             image_ids: optional (M,) source image id of each object; with
                 ``exclude_same_image`` an entry of the same image is never matched.
             batch: optional (all_objects1, all_objects2), each (M_all, d): the whole
-                current batch when it is split over processes (SPEC §4: the cycle
+                current batch when it is split over processes (docs/method.md §4: the cycle
                 checks run against the objects of all processes); the queries are
                 its rows ``offset .. offset + M``.  Default: the queries themselves.
             offset: row of the first query in ``batch``.
@@ -341,7 +356,17 @@ class ObjectQueue:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; checks it is consistent before changing anything."""
+        """Restore a :meth:`state_dict`; checks it is consistent before changing anything.
+
+        The queue keeps its own ``capacity``: a state saved from a larger queue
+        that holds more than ``capacity`` images gives this queue its newest
+        ``capacity`` images (and their objects), exactly what pushing the state's
+        images would leave; a state with fewer images is restored whole.  ``dim``
+        must match; ``exclude_same_image`` is taken from the state.
+
+        Args:
+            state: a dict from :meth:`state_dict` (arrays newest first).
+        """
         fn = "ObjectQueue.load_state_dict"
         required = ("capacity", "dim", "objects1", "objects2", "object_ids", "image_counts",
                     "image_ids")
@@ -377,7 +402,10 @@ class ObjectQueue:
         capacity = check_int(state["capacity"], fn, "capacity", 1, 2**31 - 1)
         if cnt.shape[0] > capacity:
             raise ValueError(f"{fn}: state holds {cnt.shape[0]} images for capacity {capacity}")
-        self.capacity = capacity
+        if cnt.shape[0] > self.capacity:   # keep the newest self.capacity images
+            n_obj = int(cnt[:self.capacity].sum())
+            o1, o2, oid = o1[:n_obj], o2[:n_obj], oid[:n_obj]
+            cnt, iid = cnt[:self.capacity], iid[:self.capacity]
         self.exclude_same_image = bool(state.get("exclude_same_image", self.exclude_same_image))
         self._q1 = o1.copy()
         self._q2 = o2.copy()

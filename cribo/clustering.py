@@ -1,4 +1,4 @@
-"""Joint-space clustering of two views (SPEC §2; C kernel: csrc/cluster.c).
+"""Joint-space clustering of two views (docs/method.md §2; C kernel: csrc/cluster.c).
 
 CrIBo clusters the teacher's tokens of both views of an image together, so that
 cluster ``k`` of view 1 and cluster ``k`` of view 2 are the same object seen
@@ -76,7 +76,7 @@ def cluster(tokens: Any, positions: Any, n_clusters: int, *, pos_weight: float =
             sinkhorn_lambda: float = 20.0, sinkhorn_iters: int = 5, n_iters: int = 5,
             update_marginals: bool = True, seed: Any = 0, init: Any = None,
             return_plan: bool = False) -> Clustering:
-    """Cluster the 2N tokens of each image's two views jointly (SPEC §2).
+    """Cluster the 2N tokens of each image's two views jointly (docs/method.md §2).
 
     Per image, independently of the rest of the batch: tokens are L2-normalised;
     K seed tokens start the clusters; then ``n_iters`` times the cost

@@ -1,4 +1,4 @@
-"""Self-distillation losses and centres (SPEC §5; C kernel: csrc/loss.c).
+"""Self-distillation losses and centres (docs/method.md §5; C kernel: csrc/loss.c).
 
 For student logits s and teacher logits t with running centre C:
 ``p_t = softmax((t - C) / tau_t)``, ``H(p_t, p_s) = -sum_l p_t[l] log softmax(s / tau_s)[l]``,
@@ -112,9 +112,9 @@ def _xent(fn: str, names: Dict[str, str], *args: Any):
         msg = str(e)
         if "must be finite" in msg:
             for c_name in sorted(names, key=len, reverse=True):
-                if msg.startswith(f"softmax_cross_entropy: {c_name}"):
-                    raise ValueError(f"{fn}: {names[c_name]} must be finite, got NaN or "
-                                     f"infinity") from None
+                prefix = f"softmax_cross_entropy: {c_name}"
+                if msg.startswith(prefix):  # keep the kernel's account of the cause
+                    raise ValueError(f"{fn}: {names[c_name]}{msg[len(prefix):]}") from None
         raise
 
 
@@ -137,7 +137,7 @@ def cribo_losses(student_global: Any, teacher_global: Any, student_objects: Any,
                  weights: Sequence[float] = (1.0, 1.0, 1.0),
                  center_momentum: float = 0.9,
                  denominators: Optional[Sequence[int]] = None) -> CriboLosses:
-    """CrIBo's three loss terms, their gradients and the centre update (SPEC §5).
+    """CrIBo's three loss terms, their gradients and the centre update (docs/method.md §5).
 
     ``L_g  = mean_b [H(pt1_b, ps2_b) + H(pt2_b, ps1_b)]`` (global, centre C_g);
     ``L_o  = mean_j [H(pt1_j, ps2_j) + H(pt2_j, ps1_j)]`` over the M valid objects

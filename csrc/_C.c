@@ -472,7 +472,7 @@ static PyObject *pool_soft(PyObject *args, PyObject *kw, int forward)
         return NULL;
     }
     const int T = n_threads;
-    void *work = alloc_work(cribo_pool_soft_workspace_size(D, K) * (size_t)T);
+    void *work = alloc_work(cribo_pool_soft_workspace_size(N, K) * (size_t)T);
     if (work == NULL) {
         Py_DECREF(out);
         return NULL;
@@ -747,9 +747,14 @@ static PyObject *py_xent(PyObject *self, PyObject *args, PyObject *kw)
         free(work);
         work = NULL;
         if (status != CRIBO_OK) {
-            nonfinite_error(fn, status == CRIBO_ENONFINITE_S    ? "student_logits"
-                                : status == CRIBO_ENONFINITE_TA ? "teacher_logits (after centring and scaling)"
-                                                                : "teacher_logits_b (after centring and scaling)");
+            /* The kernel checks the logits as it scales them, so a finite logit whose
+             * quotient by the temperature leaves float32's range is reported too. */
+            PyErr_Format(PyExc_ValueError,
+                         "%s: %s must be finite, got NaN or infinity (in the input, or from a "
+                         "finite value beyond float32's range once scaled)", fn,
+                         status == CRIBO_ENONFINITE_S    ? "student_logits (divided by student_temp)"
+                         : status == CRIBO_ENONFINITE_TA ? "teacher_logits (after centring and scaling)"
+                                                         : "teacher_logits_b (after centring and scaling)");
             goto fail;
         }
     }

@@ -1,4 +1,4 @@
-/* cluster.c -- joint-space clustering, SPEC §2.
+/* cluster.c -- joint-space clustering, docs/method.md §2.
  *
  * Per image (images run in parallel, each on one thread with single-threaded BLAS):
  *   Zn = rows of [z1; z2] L2-normalised                 (J, D)
@@ -157,21 +157,26 @@ CRIBO_INLINE double dot_dd(const double *x, const double *y, int64_t n)
 
 /* ---------------------------------------------------------------- steps */
 
-/* zn (J, D) = rows of z L2-normalised (a zero row stays zero). */
+/* zn (J, D) = rows of z L2-normalised (a zero row stays zero).  The squares and
+ * the scaling are done in double: a float square overflows above |z| = 2^64 and
+ * underflows below 2^-75, which would turn large or tiny tokens into zero rows;
+ * in double every finite float row is normalised (cribo_dot_f64), so the result
+ * is invariant under scaling the tokens by a power of two, and within float
+ * rounding of it for any other scale. */
 CRIBO_SIMD
 static void normalize_tokens(float *zn, const float *z, int64_t J, int64_t D)
 {
     for (int64_t j = 0; j < J; j++) {
         const float *zj = z + j * D;
-        const double ss = cribo_row_sumsq(zj, D);
-        const float inv = ss > 0.0 ? (float)(1.0 / sqrt(ss)) : 0.0f;
+        const double ss = cribo_dot_f64(zj, zj, D);
+        const double inv = ss > 0.0 ? 1.0 / sqrt(ss) : 0.0;
         for (int64_t e = 0; e < D; e++) {
-            zn[j * D + e] = zj[e] * inv;
+            zn[j * D + e] = (float)((double)zj[e] * inv);
         }
     }
 }
 
-/* dist (K, J): SPEC's positional cost for the current members lab (J).
+/* dist (K, J): the positional cost (docs/method.md §2) for the current members lab (J).
  * For cluster k, colbest[n] = min over members m of |P[n] - P[m]|^2, members at
  * distance exactly 0 ignored; the loop over n is elementwise. */
 CRIBO_SIMD

@@ -1,13 +1,13 @@
 /* cribo.h -- the C core of cribo: CrIBo's operators over raw buffers.
  *
- * One file per operator family, one per SPEC.md section:
- *   cluster.c    SPEC §2  joint-space clustering (positional cost, log-domain Sinkhorn)
- *   pool.c       SPEC §3  object pooling, forward and backward, hard and soft
- *   bootstrap.c  SPEC §4  blocked top-k cosine search (the queue look-up, dense evaluation)
- *   loss.c       SPEC §5  fused softmax cross-entropy + gradient, centre update
- *   parallel.c            static row/image splits over pthreads
+ * One file per operator family, one per section of docs/method.md:
+ *   cluster.c    §2  joint-space clustering (positional cost, log-domain Sinkhorn)
+ *   pool.c       §3  object pooling, forward and backward, hard and soft
+ *   bootstrap.c  §4  blocked top-k cosine search (the queue look-up, dense evaluation)
+ *   loss.c       §5  fused softmax cross-entropy + gradient, centre update
+ *   parallel.c       static row/image splits over pthreads
  *
- * Conventions (STYLE.md): arguments are outputs, inputs, shapes, hyper-parameters,
+ * Conventions (docs/contributing.md): arguments are outputs, inputs, shapes, hyper-parameters,
  * workspace, thread count.  Shapes are int64_t with these letters:
  *   B images, N tokens per view, J = 2N joint tokens, D features, K clusters,
  *   M queries, Q bank rows, R rows of logits, L logits per row.
@@ -16,7 +16,10 @@
  * Kernels never allocate (workspace is passed in, sized by the *_workspace_size
  * functions, in bytes), never print, never abort.  Work is split statically over
  * independent images or rows, so results do not depend on the number of threads.
- * Ties (argmax, top-k) always go to the lowest index.
+ * Ties (argmax, top-k) always go to the lowest index.  A result that goes through
+ * BLAS (ssyrk in the clustering, sgemm in soft pooling) is reproducible for one
+ * BLAS kernel; the top-k search only uses sgemm to choose what to score exactly,
+ * so its result is the same under every kernel (docs/guarantees.md).
  */
 #ifndef CRIBO_H
 #define CRIBO_H
@@ -54,7 +57,7 @@ typedef struct {
 /* Bytes of workspace one thread needs for cribo_cluster (multiply by n_threads). */
 size_t cribo_cluster_workspace_size(int64_t N, int64_t D, int64_t K);
 
-/* Joint-space clustering of SPEC §2, image by image (parallel over images).
+/* Joint-space clustering of docs/method.md §2, image by image (parallel over images).
  *   labels (B, J)     out: cluster of each joint token, j = view * N + n
  *   counts (B, 2, K)  out: members of each cluster in each view
  *   plan   (B, J, K)  out, may be NULL: transport plan T of the last iteration
@@ -69,7 +72,7 @@ void cribo_cluster(int64_t *labels, int64_t *counts, float *plan,
 
 /* ---------------------------------------------------------------------- pool.c */
 
-/* Hard pooling, SPEC §3: per-view mean of member tokens (zeros for an empty cluster),
+/* Hard pooling, docs/method.md §3: per-view mean of member tokens (zeros for an empty cluster),
  * summed in double.  Parallel over the 2B (image, view) pairs.
  *   out    (B, 2, K, D)  overwritten
  *   tokens (B, 2, N, D)
@@ -89,12 +92,14 @@ void cribo_pool_backward(float *dtokens, const float *dout, const int64_t *label
                          void *work, int n_threads);
 
 /* Soft pooling: out[b, i] = Qhat[b, i]^T @ tokens[b, i], Qhat = weights with each
- * column L1-normalised within its view (a zero column stays zero).
+ * column L1-normalised within its view (in double, before the sgemm, so weights of
+ * any finite magnitude work; a zero column stays zero).
  *   out     (B, 2, K, D)  overwritten
  *   tokens  (B, 2, N, D)
  *   weights (B, 2, N, K)  non-negative
- *   work    n_threads * cribo_pool_soft_workspace_size(D, K) bytes */
-size_t cribo_pool_soft_workspace_size(int64_t D, int64_t K);
+ *   work    n_threads * cribo_pool_soft_workspace_size(N, K) bytes (Qhat of one view
+ *           and its column sums) */
+size_t cribo_pool_soft_workspace_size(int64_t N, int64_t K);
 void cribo_pool_soft_forward(float *out, const float *tokens, const float *weights,
                              int64_t B, int64_t N, int64_t D, int64_t K,
                              void *work, int n_threads);
@@ -108,23 +113,40 @@ void cribo_pool_soft_backward(float *dtokens, const float *dout, const float *we
 /* ----------------------------------------------------------------- bootstrap.c */
 
 /* The bank is searched in blocks of CRIBO_TOPK_BROWS rows, the queries in chunks of
- * CRIBO_TOPK_QROWS; each is copied L2-normalised first.  Per thread the scratch is
- * QROWS x BROWS similarities plus the two normalised copies (about 7 MB at D = 384)
- * and the thread's (M, k) top-k lists, whatever the bank size.  Threads split the
- * bank blocks statically; their lists are merged in a fixed order at the end. */
+ * CRIBO_TOPK_QROWS; each is copied L2-normalised first and one sgemm per tile gives
+ * approximate similarities, which only decide what to re-score exactly (below).
+ * Per thread the scratch is QROWS x BROWS similarities plus the two normalised
+ * copies (about 7 MB at D = 384), their QROWS + BROWS norms in double, and the
+ * thread's (M, k) top-k lists (a double score and an int64 index each: 16 M k
+ * bytes), whatever the bank size.  Threads split the bank blocks statically; their
+ * lists are merged in a fixed order at the end. */
 #define CRIBO_TOPK_QROWS 1024
 #define CRIBO_TOPK_BROWS 1024
 size_t cribo_topk_workspace_size(int64_t M, int64_t D, int64_t k, int n_threads);
 
-/* k most cosine-similar bank rows of each query (a zero vector has similarity 0),
- * sorted by similarity, ties to the lowest bank index.  Where ids are given, bank
- * row q is never returned for query m if bank_ids[q] == query_ids[m]; missing
- * results are index -1 and similarity -inf.
+/* E(D): a bound on |float sgemm similarity of the normalised copies - exact score|
+ * for rows of length D, valid for any BLAS kernel (summation order, blocking, FMA);
+ * +inf where no bound holds (D > 2^23).  Derivation in bootstrap.c. */
+double cribo_topk_error_bound(int64_t D);
+
+/* k most cosine-similar bank rows of each query, ranked exactly:
+ *   score(x, y) = dot(x, y) / (|x| |y|)  (0 where either row is zero),
+ * each dot product and squared norm summed in double in one fixed order from the
+ * caller's float rows (vmath.h cribo_dot_f64), so the score of two rows depends on
+ * their values alone -- not on their position in the bank, the tile, the thread,
+ * the query chunk or the BLAS kernel.  Results are sorted by (score desc, index
+ * asc) and sim is the score rounded to float; every bank row whose score could
+ * reach the k-th is re-scored (the sgemm scan skips a row only when its similarity
+ * plus cribo_topk_error_bound(D) is below the k-th score), so ties, near-ties and
+ * banks of identical rows are ranked exactly, whatever the thread count.  Where
+ * ids are given, bank row q is never returned for query m if bank_ids[q] ==
+ * query_ids[m]; missing results are index -1 and similarity -inf.
  *   idx       (M, k)  out
  *   sim       (M, k)  out
  *   queries   (M, D)
  *   bank      (Q, D)
  *   query_ids (M) and bank_ids (Q), or both NULL
+ *   work      cribo_topk_workspace_size(M, D, k, n_threads) bytes, 64-byte aligned
  * Returns CRIBO_ENONFINITE if a query or bank row is not finite. */
 int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const float *bank,
                       const int64_t *query_ids, const int64_t *bank_ids,
@@ -133,7 +155,7 @@ int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const floa
 
 /* ---------------------------------------------------------------------- loss.c */
 
-/* Fused softmax cross-entropy with up to two teachers per student row, SPEC §5.
+/* Fused softmax cross-entropy with up to two teachers per student row, docs/method.md §5.
  * For each row r, with p_s = softmax(s / student_temp), p_a = softmax((ta - ca) / temp_a):
  *   loss_a[r] = H(p_a, p_s) = -sum_l p_a[l] log p_s[l]      (same for b)
  *   grad[r]   = (wa[r] * (p_s - p_a) + wb[r] * (p_s - p_b)) / student_temp

@@ -1,4 +1,4 @@
-/* loss.c -- self-distillation losses, SPEC §5.
+/* loss.c -- self-distillation losses, docs/method.md §5.
  *
  * For a student row s and teacher rows t (centre c, temperature tau_t):
  *   p_t = softmax((t - c) / tau_t),  log p_s = log_softmax(s / tau_s)

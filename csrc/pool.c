@@ -1,4 +1,4 @@
-/* pool.c -- object pooling, SPEC §3.
+/* pool.c -- object pooling, docs/method.md §3.
  *
  * c_i^k = sum_n Qhat_i(n, k) z_i^n per view i, with Qhat the assignment whose columns
  * are L1-normalised within the view.  Hard labels make this a per-view segment mean
@@ -117,13 +117,17 @@ void cribo_pool_backward(float *dtokens, const float *dout, const int64_t *label
 
 /* ------------------------------------------------------------------ soft */
 
-size_t cribo_pool_soft_workspace_size(int64_t D, int64_t K)
+size_t cribo_pool_soft_workspace_size(int64_t N, int64_t K)
 {
-    return cribo_align64((size_t)(K * D) * sizeof(float)) + cribo_align64((size_t)K * sizeof(double));
+    return cribo_align64((size_t)(N * K) * sizeof(float)) + cribo_align64((size_t)K * sizeof(double));
 }
 
-/* colinv (K) = 1 / sum_n w(n, k), 0 for a zero column. */
-static void column_inverse_sums(double *colinv, const float *w, int64_t N, int64_t K)
+/* qhat (N, K) = w with each column L1-normalised (sums and scaling in double; a
+ * zero column stays zero).  Normalising before the sgemm keeps every product a
+ * convex combination of the tokens: unnormalised weights of large finite
+ * magnitude would overflow the sgemm (w^T z) before the division, and a float
+ * reciprocal of a large column sum would underflow. */
+static void normalized_weights(float *qhat, double *colinv, const float *w, int64_t N, int64_t K)
 {
     for (int64_t k = 0; k < K; k++) {
         colinv[k] = 0.0;
@@ -136,6 +140,11 @@ static void column_inverse_sums(double *colinv, const float *w, int64_t N, int64
     for (int64_t k = 0; k < K; k++) {
         colinv[k] = colinv[k] > 0.0 ? 1.0 / colinv[k] : 0.0;
     }
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t k = 0; k < K; k++) {
+            qhat[n * K + k] = (float)((double)w[n * K + k] * colinv[k]);
+        }
+    }
 }
 
 static void pool_soft_forward_task(void *ctx, int64_t begin, int64_t end, int tid)
@@ -143,21 +152,16 @@ static void pool_soft_forward_task(void *ctx, int64_t begin, int64_t end, int ti
     pool_job *job = (pool_job *)ctx;
     const int64_t N = job->N, D = job->D, K = job->K;
     char *base = job->work + (size_t)tid * job->ws;
-    double *colinv = (double *)(base + cribo_align64((size_t)(K * D) * sizeof(float)));
+    float *qhat = (float *)base;
+    double *colinv = (double *)(base + cribo_align64((size_t)(N * K) * sizeof(float)));
     for (int64_t v = begin; v < end; v++) {
         const float *z = job->in + v * N * D;
         const float *w = job->weights + v * N * K;
         float *out = job->out + v * K * D;
-        column_inverse_sums(colinv, w, N, K);
+        normalized_weights(qhat, colinv, w, N, K);
         /* (K,D) = (N,K)^T @ (N,D) */
         cribo_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)K, (int)D, (int)N,
-                    1.0f, w, (int)K, z, (int)D, 0.0f, out, (int)D);
-        for (int64_t k = 0; k < K; k++) {
-            const float s = (float)colinv[k];
-            for (int64_t e = 0; e < D; e++) {
-                out[k * D + e] *= s;
-            }
-        }
+                    1.0f, qhat, (int)K, z, (int)D, 0.0f, out, (int)D);
     }
 }
 
@@ -166,7 +170,7 @@ void cribo_pool_soft_forward(float *out, const float *tokens, const float *weigh
                              void *work, int n_threads)
 {
     pool_job job = {out, tokens, NULL, weights, N, D, K, (char *)work,
-                    cribo_pool_soft_workspace_size(D, K)};
+                    cribo_pool_soft_workspace_size(N, K)};
     cribo_parallel_for(2 * B, n_threads, pool_soft_forward_task, &job);
 }
 
@@ -175,22 +179,16 @@ static void pool_soft_backward_task(void *ctx, int64_t begin, int64_t end, int t
     pool_job *job = (pool_job *)ctx;
     const int64_t N = job->N, D = job->D, K = job->K;
     char *base = job->work + (size_t)tid * job->ws;
-    float *scaled = (float *)base;
-    double *colinv = (double *)(base + cribo_align64((size_t)(K * D) * sizeof(float)));
+    float *qhat = (float *)base;
+    double *colinv = (double *)(base + cribo_align64((size_t)(N * K) * sizeof(float)));
     for (int64_t v = begin; v < end; v++) {
         const float *dout = job->in + v * K * D;
         const float *w = job->weights + v * N * K;
         float *dz = job->out + v * N * D;
-        column_inverse_sums(colinv, w, N, K);
-        for (int64_t k = 0; k < K; k++) {
-            const float s = (float)colinv[k];
-            for (int64_t e = 0; e < D; e++) {
-                scaled[k * D + e] = dout[k * D + e] * s;
-            }
-        }
+        normalized_weights(qhat, colinv, w, N, K);
         /* (N,D) = (N,K) @ (K,D) */
         cribo_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)N, (int)D, (int)K,
-                    1.0f, w, (int)K, scaled, (int)D, 0.0f, dz, (int)D);
+                    1.0f, qhat, (int)K, dout, (int)D, 0.0f, dz, (int)D);
     }
 }
 
@@ -199,6 +197,6 @@ void cribo_pool_soft_backward(float *dtokens, const float *dout, const float *we
                               void *work, int n_threads)
 {
     pool_job job = {dtokens, dout, NULL, weights, N, D, K, (char *)work,
-                    cribo_pool_soft_workspace_size(D, K)};
+                    cribo_pool_soft_workspace_size(N, K)};
     cribo_parallel_for(2 * B, n_threads, pool_soft_backward_task, &job);
 }

@@ -221,18 +221,31 @@ CRIBO_INLINE double cribo_row_exp_sum(float *x, float m, int64_t n)
     return r;
 }
 
-/* sum of x[i]^2 (squares in float, sums in double lanes). */
-CRIBO_INLINE double cribo_row_sumsq(const float *x, int64_t n)
+/* sum_i x[i] * y[i] in double, in one fixed order whatever the target or the
+ * position of the rows in memory: lane l of the two 4-double accumulators sums
+ * the products i = l (mod 8) of the whole 8-float vectors in increasing i, the
+ * lanes are combined by vd_hsum, then the tail is added in increasing i.  Each
+ * product of two floats is exact in double (24 + 24 <= 53 significant bits, and
+ * no float product leaves the double range), so an FMA contraction could not
+ * change it either: the only roundings are the additions, in the order above.
+ * With x == y it is the squared norm, finite and free of underflow for every
+ * finite float row ((2^128)^2 * 2^31 < 2^1024, and (2^-149)^2 is a normal double). */
+CRIBO_INLINE double cribo_dot_f64(const float *x, const float *y, int64_t n)
 {
     cribo_vd acc[2] = {{0}, {0}};
     int64_t i = 0;
     for (; i + CRIBO_VL <= n; i += CRIBO_VL) {
-        const cribo_vf v = vf_load(x + i);
-        vd_accumulate(acc, v * v);
+        cribo_vfh xl, xh, yl, yh;
+        memcpy(&xl, x + i, sizeof xl);
+        memcpy(&xh, x + i + CRIBO_VL / 2, sizeof xh);
+        memcpy(&yl, y + i, sizeof yl);
+        memcpy(&yh, y + i + CRIBO_VL / 2, sizeof yh);
+        acc[0] += __builtin_convertvector(xl, cribo_vd) * __builtin_convertvector(yl, cribo_vd);
+        acc[1] += __builtin_convertvector(xh, cribo_vd) * __builtin_convertvector(yh, cribo_vd);
     }
     double r = vd_hsum(acc);
     for (; i < n; i++) {
-        r += (double)(x[i] * x[i]);
+        r += (double)x[i] * (double)y[i];
     }
     return r;
 }

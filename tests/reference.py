@@ -1,6 +1,6 @@
 """Independent float64 NumPy reference of the CrIBo operators.
 
-Written from ``SPEC.md`` alone (CrIBo, "Cross-Image Object-Level Bootstrapping",
+Written from ``docs/method.md`` alone (CrIBo, "Cross-Image Object-Level Bootstrapping",
 Lebailly, Stegmueller et al., ICLR 2024). Slow and obvious on purpose: explicit
 loops over images, iterations and clusters, ``einsum`` and explicit
 log-sum-exp. It never imports ``cribo`` or ``cribo._C`` and shares no code with
@@ -9,7 +9,7 @@ the package; the C operators are tested against it.
 Every function converts its float inputs to float64 and returns float64 (or
 int64 / bool for indices and masks).
 
-Edge choices that SPEC.md leaves open (each also stated where it is coded):
+Edge choices made explicit here (each also stated where it is coded):
 
 - L2 normalisation of an exactly-zero vector gives the zero vector (so its
   cosine similarity with anything is 0).
@@ -27,6 +27,7 @@ Edge choices that SPEC.md leaves open (each also stated where it is coded):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,13 @@ __all__ = [
 def _f64(x: ArrayLike) -> F64:
     """A float64 copy of ``x`` (any shape)."""
     return np.array(x, dtype=np.float64, copy=True)
+
+
+def _dot(a: F64, b: F64) -> float:
+    """<a, b> as the correctly rounded sum of the float64 products (math.fsum): a
+    function of the values alone, so equal rows tie exactly wherever they sit in
+    memory (a BLAS ddot may sum in an order that depends on the alignment)."""
+    return math.fsum((a * b).tolist())
 
 
 def l2_normalize(x: ArrayLike) -> F64:
@@ -119,19 +127,19 @@ def log_softmax(x: ArrayLike) -> F64:
 
 
 # ============================================================================
-# SPEC section 2: joint-space clustering
+# docs/method.md §2: joint-space clustering
 # ============================================================================
 
 
 def positional_cost_members(P: ArrayLike, members: ArrayLike) -> F64:
-    """Positional cost ``D`` of SPEC section 2 step 3 for a 0/1 membership matrix.
+    """Positional cost ``D`` of docs/method.md §2 step 3 for a 0/1 membership matrix.
 
     ``D(n,k)`` is the smallest Euclidean distance from ``P[n]`` to a member of
     cluster ``k``, ignoring members at distance exactly 0; where there is no
     member at non-zero distance, ``D(n,k) = 0``. Then every 0 entry becomes
     the mean of the whole ``D`` (taken before replacement, zeros included),
     and ``D`` is divided by its maximum. If the maximum is 0 (every entry was
-    0), ``D`` stays all zeros (project choice; SPEC would divide by zero).
+    0), ``D`` stays all zeros (project choice; the published code would divide by zero).
 
     Args:
         P: (2N, 2) token positions.
@@ -167,7 +175,7 @@ def positional_cost_members(P: ArrayLike, members: ArrayLike) -> F64:
 
 
 def positional_cost(P: ArrayLike, members_labels: ArrayLike, K: int) -> F64:
-    """Positional cost ``D`` of SPEC section 2 for hard labels.
+    """Positional cost ``D`` of docs/method.md §2 for hard labels.
 
     Args:
         P: (2N, 2) token positions (view-1 tokens first).
@@ -188,7 +196,7 @@ def positional_cost(P: ArrayLike, members_labels: ArrayLike, K: int) -> F64:
 
 
 def sinkhorn(M: ArrayLike, lam: float, n_iters: int, r: ArrayLike, c: ArrayLike) -> F64:
-    """Plain exp-domain Sinkhorn-Knopp exactly as SPEC section 2.
+    """Plain exp-domain Sinkhorn-Knopp exactly as docs/method.md §2.
 
     ``T = exp(-lam * M)``, ``T /= sum(T)``, then ``n_iters`` times: scale rows
     to sum ``r``, then columns to sum ``c``. NaN entries (from rows or columns
@@ -263,7 +271,7 @@ def _cluster_one_image(
     n_iters: int,
     update_marginals: bool,
 ) -> tuple[I64, F64]:
-    """SPEC section 2 steps 1-3 for one image.
+    """docs/method.md §2 steps 1-3 for one image.
 
     Args:
         Z: (2N, d) joint tokens, view-1 tokens first.
@@ -318,7 +326,7 @@ def cluster(
     n_iters: int = 5,
     update_marginals: bool = True,
 ) -> dict[str, Any]:
-    """Joint-space clustering of SPEC section 2, per image, independently.
+    """Joint-space clustering of docs/method.md §2, per image, independently.
 
     Per image: ``Zn`` = L2-normalised joint tokens; centroids start at
     ``Zn[init]``; ``n_iters`` times: ``Sim = Zn mu^T``, positional cost ``D``,
@@ -373,7 +381,7 @@ def cluster(
 
 
 # ============================================================================
-# SPEC section 3: object pooling
+# docs/method.md §3: object pooling
 # ============================================================================
 
 
@@ -402,7 +410,7 @@ def _normalize_columns(weights: ArrayLike) -> F64:
 
 
 def pool_soft(tokens: ArrayLike, weights: ArrayLike) -> F64:
-    """Soft object pooling ``c_i^k = sum_n Qhat_i(n,k) z_i^n`` (SPEC section 3).
+    """Soft object pooling ``c_i^k = sum_n Qhat_i(n,k) z_i^n`` (docs/method.md §3).
 
     Args:
         tokens: (B, 2, N, d).
@@ -486,7 +494,7 @@ def pool_backward(grad: ArrayLike, labels: ArrayLike, K: int) -> F64:
 
 
 # ============================================================================
-# SPEC section 4: nearest neighbours, object queue, cycle checks
+# docs/method.md §4: nearest neighbours, object queue, cycle checks
 # ============================================================================
 
 
@@ -528,7 +536,7 @@ def topk_cosine(
             if query_ids is not None and bank_ids is not None:
                 if int(np.asarray(query_ids)[m]) == int(np.asarray(bank_ids)[j]):
                     continue
-            cand.append((-float(np.dot(q[m], bk[j])), j))
+            cand.append((-_dot(q[m], bk[j]), j))
         cand.sort()  # by -sim ascending, then by index ascending
         for t, (negsim, j) in enumerate(cand[:k]):
             idx[m, t] = j
@@ -537,7 +545,7 @@ def topk_cosine(
 
 
 class RefQueue:
-    """List-of-images model of the object queue (SPEC section 4).
+    """List-of-images model of the object queue (docs/method.md §4).
 
     The queue is a Python list of images, newest first; each image holds its
     valid teacher objects for view 1 and view 2 (in cluster order) and its id.
@@ -618,7 +626,7 @@ def _argmax_cos(query_hat: F64, bank_hat: F64, allowed: Bool) -> tuple[int, floa
     for j in range(bank_hat.shape[0]):
         if not allowed[j]:
             continue
-        s = float(np.dot(query_hat, bank_hat[j]))
+        s = _dot(query_hat, bank_hat[j])
         if best_j < 0 or s > best_s:  # strict: an equal later entry never wins
             best_j, best_s = j, s
     return best_j, best_s
@@ -633,7 +641,7 @@ def queue_match(
     image_ids: ArrayLike | None = None,
     exclude_same_image: bool = True,
 ) -> dict[str, Any]:
-    """Cross-image nearest neighbours with both cycle checks (SPEC section 4).
+    """Cross-image nearest neighbours with both cycle checks (docs/method.md §4).
 
     For each batch object j: ``a(j) = argmax_q <t1^_j, q1^_q>`` and
     ``b(j) = argmax_q <t2^_j, q2^_q>`` over queue entries (ties -> lowest
@@ -693,7 +701,7 @@ def queue_match(
 
 
 # ============================================================================
-# SPEC section 5: losses and centres
+# docs/method.md §5: losses and centres
 # ============================================================================
 
 
@@ -763,7 +771,7 @@ def cribo_losses(
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
     center_momentum: float = 0.9,
 ) -> dict[str, Any]:
-    """The CrIBo objective (SPEC section 5) and its gradients.
+    """The CrIBo objective (docs/method.md §5) and its gradients.
 
     ``L_g = mean_b [H(pt1,ps2) + H(pt2,ps1)]`` (centre C_g, ``teacher_temp``);
     ``L_o = mean_j [H(pt1_j,ps2_j) + H(pt2_j,ps1_j)]`` (centre C_o,

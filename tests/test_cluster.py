@@ -1,4 +1,4 @@
-"""cribo.cluster (C, float32) against the float64 reference of SPEC §2."""
+"""cribo.cluster (C, float32) against the float64 reference of docs/method.md §2."""
 from __future__ import annotations
 
 import numpy as np
@@ -109,7 +109,7 @@ def test_large_lambda_is_finite_and_a_transport_plan(lam, rng):
 
 
 def test_plain_sinkhorn_underflows_where_ours_does_not(rng):
-    """The defect STYLE.md names: exp(-lambda M) underflows in float32 at lambda=500."""
+    """The defect docs/contributing.md names: exp(-lambda M) underflows in float32 at lambda=500."""
     M = rng.random((40, 6))
     M = (M - M.min()) / (M.max() - M.min())
     plain = np.exp(-500.0 * M.astype(np.float32))

@@ -1,5 +1,5 @@
 """Bad input, binding hygiene and memory: every public function and every ``cribo._C``
-function (STYLE.md, "Binding conventions" 2-5 and "Test conventions" 5).
+function (docs/contributing.md, "Binding conventions" 2-5 and "Test conventions" 5).
 
 - Each documented error raises the right type with a message ``"fn: arg must be ...,
   got ..."`` that names the argument and what was expected.
@@ -709,8 +709,8 @@ NAN_CASES = [
       E("topk_cosine: queries and bank must be finite, got NaN or infinity"), id="tk-bank-ids"),
     P("student", lambda v, q: cribo.softmax_cross_entropy(v["student"], v["teacher"],
                                                        center=v["center"]),
-      E("softmax_cross_entropy: student_logits must be finite, got NaN or infinity"),
-      id="xent-student"),
+      E("softmax_cross_entropy: student_logits (divided by student_temp) must be finite, "
+        "got NaN or infinity"), id="xent-student"),
     P("teacher", lambda v, q: cribo.softmax_cross_entropy(v["student"], v["teacher"],
                                                        center=v["center"]),
       E("softmax_cross_entropy: teacher_logits") + ".*" + E("must be finite, got NaN or "
@@ -746,6 +746,22 @@ def test_nonfinite_inputs_are_rejected(key, call, msg, value):
         call(v, q)
 
 
+def test_finite_logits_that_overflow_once_scaled_are_named_with_the_cause():
+    # 1e38 / 0.1 is beyond float32: finite input, non-finite scaled logits.
+    s = np.zeros((2, 5), np.float32)
+    s[1, 2] = 1e38
+    with pytest.raises(ValueError, match=E("softmax_cross_entropy: student_logits (divided by "
+                                           "student_temp) must be finite") + ".*" +
+                       E("beyond float32's range once scaled")):
+        cribo.softmax_cross_entropy(s, np.zeros((2, 5), np.float32), student_temp=0.1)
+    v = valid()
+    v["sg"] = np.full_like(v["sg"], 1e38)
+    with pytest.raises(ValueError, match=E("cribo_losses: student_global (divided by "
+                                           "student_temp) must be finite") + ".*" +
+                       E("once scaled")):
+        losses(v)
+
+
 @pytest.mark.parametrize("value", NONFINITE, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("key", ["sg", "tg", "so", "to", "tn", "cg", "co"])
 def test_nonfinite_cribo_losses_inputs_raise(key, value):
@@ -764,7 +780,9 @@ _LOSS_ARG = {"sg": "student_global", "tg": "teacher_global", "so": "student_obje
 def test_nonfinite_cribo_losses_message_names_function_and_argument(key):
     v = valid()
     v[key] = _poison(v[key], np.nan)
-    with pytest.raises(ValueError, match=E(f"cribo_losses: {_LOSS_ARG[key]} must be finite")):
+    # The kernel's qualifier stays: "(divided by student_temp)", "(after centring ...)".
+    with pytest.raises(ValueError, match=E(f"cribo_losses: {_LOSS_ARG[key]}") +
+                       r"( \([^)]*\))? must be finite"):
         losses(v)
 
 

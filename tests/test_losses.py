@@ -1,4 +1,4 @@
-"""Fused losses (C, float32) against the float64 reference of SPEC §5."""
+"""Fused losses (C, float32) against the float64 reference of docs/method.md §5."""
 from __future__ import annotations
 
 import numpy as np

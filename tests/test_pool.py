@@ -1,4 +1,4 @@
-"""cribo.pool / pool_backward (C, float32) against the float64 reference of SPEC §3."""
+"""cribo.pool / pool_backward (C, float32) against the float64 reference of docs/method.md §3."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The C kernels under AddressSanitizer + UBSan, without Python (STYLE.md, tests 7).
+"""The C kernels under AddressSanitizer + UBSan, without Python (docs/contributing.md, tests 7).
 
 tests/sanitize/build_and_run.sh compiles csrc/*.c (not the binding) with
 tests/sanitize/harness.c and runs it; the harness calls every kernel on random

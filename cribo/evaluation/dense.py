@@ -1,4 +1,4 @@
-"""Dense evaluation of frozen patch features (SPEC §7): NN retrieval and a linear probe.
+"""Dense evaluation of frozen patch features (docs/method.md §7): NN retrieval and a linear probe.
 
 **Dense nearest-neighbour retrieval** ("in-context scene understanding",
 Balažević et al., NeurIPS 2023; the protocol CrIBo reports, Lebailly,
@@ -48,7 +48,12 @@ def knn_vote(queries: np.ndarray, bank_features: np.ndarray, bank_histograms: np
 
     ``votes[m] = sum_j softmax(s_m / temperature)_j * hist[idx_m[j]]`` where
     ``idx_m, s_m`` are the ``k`` most cosine-similar bank rows of query ``m``
-    and their similarities (:func:`cribo.topk_cosine`, ties to the lower index).
+    and their similarities (:func:`cribo.topk_cosine`: an exact ranking, ties to
+    the lower index).  A query's votes depend on that query and the bank alone:
+    the search ranks each query exactly, and the weights and sums are elementwise
+    operations over the rows in a fixed order (float64, neighbour 0 to k-1), so
+    neither ``chunk`` nor the thread count nor the BLAS kernel changes a bit of
+    the result.
 
     Args:
         queries: (M, D) float32 patch features.
@@ -80,9 +85,16 @@ def knn_vote(queries: np.ndarray, bank_features: np.ndarray, bank_histograms: np
     for s in range(0, M, chunk):
         q = np.ascontiguousarray(queries[s:s + chunk], np.float32)
         idx, sim = topk_cosine(q, bank_features, k)
-        w = np.exp((sim - sim[:, :1]) / np.float32(temperature))   # sim[:, 0] is the max
-        w /= w.sum(1, keepdims=True)
-        out[s:s + chunk] = np.einsum("mk,mkc->mc", w, hist[idx])
+        sim = sim.astype(np.float64)
+        w = np.exp((sim - sim[:, :1]) / temperature)                # sim[:, 0] is the max
+        # Sums over the k neighbours as explicit elementwise steps in a fixed order
+        # (not a reduction or einsum, whose order may depend on the array's shape).
+        total = w[:, 0].copy()
+        votes = w[:, :1] * hist[idx[:, 0]]
+        for j in range(1, k):
+            total += w[:, j]
+            votes += w[:, j:j + 1] * hist[idx[:, j]]
+        out[s:s + chunk] = votes / total[:, None]
     return out
 
 
@@ -414,7 +426,7 @@ def evaluate_retrieval(backbone: Any, train_set: Any, val_set: Any, *, k: int = 
                        temperature: float = 0.02, image_size: Optional[int] = None,
                        patches_per_image: Optional[int] = 100, augment_passes: int = 2,
                        batch_size: int = 32, seed: int = 0, **kwargs: Any) -> RetrievalResult:
-    """Dense nearest-neighbour retrieval mIoU (SPEC §7) of a frozen backbone.
+    """Dense nearest-neighbour retrieval mIoU (docs/method.md §7) of a frozen backbone.
 
     See :func:`dense_evaluation` for every argument (``kwargs``: ``crop_scale``,
     ``query_chunk``, ``upsample``, ``keep_predictions``, ``device``,

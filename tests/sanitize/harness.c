@@ -1,6 +1,6 @@
 /* harness.c -- calls every kernel of csrc/ directly (no Python) on random data and
  * checks a few invariants, for running under AddressSanitizer + UBSan
- * (tests/sanitize/build_and_run.sh; STYLE.md "Test conventions" 7).
+ * (tests/sanitize/build_and_run.sh; docs/contributing.md "Test conventions" 7).
  *
  * Every buffer -- inputs, outputs and workspace -- is allocated with exactly the
  * size the kernel contract gives (workspace from the *_workspace_size functions),
@@ -246,7 +246,7 @@ static void run_cluster(int64_t B, int64_t N, int64_t D, int64_t K, double lambd
         }
         CHECK(per_view[0] == N && per_view[1] == N, "counts do not sum to N per view");
 
-        /* The plan: finite, non-negative, total mass 1.  Sinkhorn (SPEC §2) ends each
+        /* The plan: finite, non-negative, total mass 1.  Sinkhorn (docs/method.md §2) ends each
          * round with the column scaling, so with fixed marginals (c = 1/K) every
          * column sums to exactly 1/K, while the rows sum to r = 1/(2N) only in the
          * limit of many rounds (at lambda = 1e4 they are far from it after 2): the
@@ -338,7 +338,7 @@ static void test_pool(int64_t B, int64_t N, int64_t D, int64_t K)
         cribo_pool_forward(out[t], tokens, labels, B, N, D, K, w, T);
         cribo_pool_backward(dtok[t], dout, labels, B, N, D, K, w, T);
         free(w);
-        void *ws = xwork(cribo_pool_soft_workspace_size(D, K) * (size_t)T);
+        void *ws = xwork(cribo_pool_soft_workspace_size(N, K) * (size_t)T);
         cribo_pool_soft_forward(sout[t], tokens, weights, B, N, D, K, ws, T);
         cribo_pool_soft_backward(sdtok[t], dout, weights, B, N, D, K, ws, T);
         free(ws);
@@ -544,8 +544,102 @@ static void run_topk(int64_t M, int64_t Q, int64_t D, int64_t k, int with_ids)
     free(bank);
 }
 
+/* Many exact ties: a bank of identical rows over 3 blocks.  Every row is re-scored
+ * (the slow path); the results are the lowest admissible indices, in order, with
+ * equal similarities, for 1 and 3 threads alike. */
+static void run_topk_ties(int with_ids)
+{
+    const int64_t Q = 2 * CRIBO_TOPK_BROWS + 37, D = 5, M = 3, k = 40;
+    float *row = randn(D, 1.0f);
+    float *bank = xmalloc((size_t)(Q * D) * sizeof(float));
+    float *queries = xmalloc((size_t)(M * D) * sizeof(float));
+    for (int64_t q = 0; q < Q; q++) {
+        memcpy(bank + q * D, row, (size_t)D * sizeof(float));
+    }
+    for (int64_t e = 0; e < D; e++) {
+        queries[e] = row[e];
+        queries[D + e] = -2.0f * row[e];
+        queries[2 * D + e] = gaussian();
+    }
+    int64_t qids[3] = {0, 1, 2};
+    int64_t *bids = xmalloc((size_t)Q * sizeof(int64_t));
+    for (int64_t q = 0; q < Q; q++) {
+        bids[q] = q % 3;
+    }
+    const int threads[2] = {1, 3};
+    int64_t *idx[2];
+    float *sim[2];
+    for (int t = 0; t < 2; t++) {
+        idx[t] = xmalloc((size_t)(M * k) * sizeof(int64_t));
+        sim[t] = xmalloc((size_t)(M * k) * sizeof(float));
+        void *work = xwork(cribo_topk_workspace_size(M, D, k, threads[t]));
+        int st = cribo_topk_cosine(idx[t], sim[t], queries, bank, with_ids ? qids : NULL,
+                                   with_ids ? bids : NULL, M, Q, D, k, work, threads[t]);
+        CHECK(st == CRIBO_OK, "topk (ties) returned %d", st);
+        free(work);
+    }
+    CHECK(memcmp(idx[0], idx[1], (size_t)(M * k) * sizeof(int64_t)) == 0 &&
+          memcmp(sim[0], sim[1], (size_t)(M * k) * sizeof(float)) == 0,
+          "topk on identical rows differs between 1 and 3 threads");
+    for (int64_t m = 0; m < M; m++) {
+        int64_t want = 0;
+        for (int64_t r = 0; r < k; r++) {
+            while (with_ids && bids[want] == qids[m]) {
+                want++;
+            }
+            CHECK(idx[0][m * k + r] == want, "ties: query %lld rank %lld is %lld, want %lld",
+                  (long long)m, (long long)r, (long long)idx[0][m * k + r], (long long)want);
+            CHECK(sim[0][m * k + r] == sim[0][m * k], "ties: unequal similarities");
+            want++;
+        }
+    }
+    CHECK(fabsf(sim[0][0] - 1.0f) <= 2e-7f && fabsf(sim[0][k] + 1.0f) <= 2e-7f,
+          "ties: cosines %g and %g, want 1 and -1", (double)sim[0][0], (double)sim[0][k]);
+    for (int t = 0; t < 2; t++) {
+        free(idx[t]);
+        free(sim[t]);
+    }
+    free(bids);
+    free(queries);
+    free(bank);
+    free(row);
+}
+
+/* The scan's error bound: about D * 2^-24, void (+inf) where D u > 1/2, and above
+ * the error of a float dot product of unit vectors. */
+static void test_topk_bound(void)
+{
+    const double E = cribo_topk_error_bound(384);
+    CHECK(E > 2.2e-5 && E < 2.4e-5, "E(384) = %g", E);
+    CHECK(cribo_topk_error_bound(1) > 0x1p-23, "E(1) = %g", cribo_topk_error_bound(1));
+    CHECK(isinf(cribo_topk_error_bound((int64_t)1 << 24)), "E(2^24) must be +inf");
+    const int64_t D = 384;
+    float *x = randn(D, 1.0f);
+    float *y = randn(D, 1.0f);
+    double nx = 0.0, ny = 0.0;
+    for (int64_t e = 0; e < D; e++) {
+        nx += (double)x[e] * x[e];
+        ny += (double)y[e] * y[e];
+    }
+    float s = 0.0f;
+    double exact = 0.0;
+    for (int64_t e = 0; e < D; e++) {
+        x[e] = (float)(x[e] / sqrt(nx));
+        y[e] = (float)(y[e] / sqrt(ny));
+        s += x[e] * y[e];
+        exact += (double)x[e] * y[e];
+    }
+    CHECK(fabs((double)s - exact) < E, "a float dot product is off by %g > E",
+          fabs((double)s - exact));
+    free(x);
+    free(y);
+}
+
 static void test_topk(void)
 {
+    test_topk_bound();
+    run_topk_ties(0);
+    run_topk_ties(1);
     run_topk(7, 13, 5, 1, 0);
     run_topk(7, 13, 5, 3, 1);
     run_topk(7, 13, 5, 13, 0); /* k = Q */
