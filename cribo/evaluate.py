@@ -1,4 +1,4 @@
-"""``cribo.evaluate``: dense evaluation of a backbone (SPEC §7), and ``cribo evaluate``.
+"""``cribo.evaluate``: dense evaluation of a backbone (docs/method.md §7), and ``cribo evaluate``.
 
 The implementation lives in :mod:`cribo.evaluation` (metrics, features, dense,
 cli); this module is its public face::
@@ -8,7 +8,8 @@ cli); this module is its public face::
     result.miou, result.fg_iou, result.per_class_iou, result.confusion
 
 Command line: ``cribo evaluate --checkpoint runs/cribo/teacher_backbone.pth``
-(``--help`` lists every option).
+(``--help`` lists every option); on a VOC-style folder of your own classes,
+``cribo evaluate --checkpoint ... --data FOLDER --class-names classes.txt``.
 """
 from .evaluation import *  # noqa: F401,F403
 from .evaluation import __all__ as _all

@@ -3,7 +3,7 @@
 CrIBo (Lebailly, Stegmüller et al., "Self-Supervised Learning via Cross-Image
 Object-Level Bootstrapping", ICLR 2024) trains a ViT student and an EMA teacher,
 each with a DINO-style projection head that has two last layers: one for the
-image-level [CLS] output and one for object representations (SPEC.md §5).
+image-level [CLS] output and one for object representations (docs/method.md §5).
 
 Parameter names follow the published DINO / CrIBo ViT exactly, so their
 checkpoints load unchanged::
@@ -64,7 +64,7 @@ class DropPath(nn.Module):
 
     In training mode each sample's branch output is zeroed with probability
     ``p`` and the kept ones are scaled by ``1 / (1 - p)``; in eval mode (or with
-    ``p = 0``) it is the identity.  CrIBo uses ``p = 0.1`` on the student (SPEC §6).
+    ``p = 0``) it is the identity.  CrIBo uses ``p = 0.1`` on the student (docs/method.md §6).
 
     Args:
         p: Drop probability in [0, 1).
@@ -187,7 +187,7 @@ class VisionTransformer(nn.Module):
     for any other ``H x W`` divisible by the patch size.
 
     CrIBo (ICLR 2024) clusters the teacher's final patch tokens and pools the
-    student's (SPEC §2-§3); the [CLS] output feeds the global DINO loss (§5).
+    student's (docs/method.md §2-§3); the [CLS] output feeds the global DINO loss (§5).
 
     Args:
         img_size: Side of the square training resolution the positional
@@ -391,7 +391,7 @@ class CriboHead(nn.Module):
 
     ``x -> MLP (d -> hidden -> ... -> bottleneck, GELU between) -> L2-normalise ->``
     a weight-normalised bias-free linear layer, ``last_layer`` for the image-level
-    [CLS] output and ``last_layer_c`` for object representations (SPEC §5;
+    [CLS] output and ``last_layer_c`` for object representations (docs/method.md §5;
     Lebailly, Stegmüller et al., ICLR 2024).  The MLP is shared by both.
     Parameter names are those of the CrIBo reference head (``mlp.0``, ``mlp.2``,
     ``mlp.4``, ``last_layer.weight_{g,v}``, ``last_layer_c.weight_{g,v}``).
@@ -516,11 +516,22 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _read_checkpoint(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True on the CPU; errors name the path."""
+def _read_checkpoint(path: str | os.PathLike, who: str = "load_pretrained") -> Any:
+    """torch.load(weights_only=True) onto the CPU, with errors that say what the file is.
+
+    Raises:
+        FileNotFoundError: no file at ``path``, or a folder.
+        ValueError: naming the file: empty, truncated (a zip checkpoint whose
+            end is missing), text (a Git LFS pointer, an HTML page, ...), an
+            unknown format, corrupt data, or Python objects beyond tensors and
+            plain containers.  The message never suggests unsafe loading:
+            cribo does not unpickle arbitrary objects.
+    """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{who}: {path!r} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_pretrained: no checkpoint file at {path!r}")
+        raise FileNotFoundError(f"{who}: no checkpoint file at {path!r}")
     # Training checkpoints of DINO/CrIBo also pickle their argparse.Namespace;
     # that class only holds attributes, so it is safe to allow.
     safe = getattr(torch.serialization, "safe_globals", None)
@@ -530,13 +541,67 @@ def _read_checkpoint(path: str | os.PathLike) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for unreadable files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # ``from None``: torch's own message advises weights_only=False, which
+        # would run whatever code a corrupt or hostile file holds.
+        raise ValueError(_unreadable_checkpoint(path, exc, who)) from None
+
+
+def _unreadable_checkpoint(path: str, exc: BaseException, who: str) -> str:
+    """Why ``torch.load`` failed on ``path``, in words, without torch's advice."""
+    import re
+    import zipfile
+
+    size = os.path.getsize(path)
+    where = f"{who}: cannot read the checkpoint {path!r} ({size:,} bytes)"
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    msg = str(exc)
+    if size == 0:
+        return f"{where}: the file is empty (an interrupted save or copy?)"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        if not zipfile.is_zipfile(path):
+            return (f"{where}: it is truncated -- a torch checkpoint (zip archive) whose end "
+                    "is missing, as an interrupted save, copy or download leaves it")
+    text = _as_text(head)
+    if head[:1] != b"\x80" and head[:2] != b"PK" and text is not None:
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
         hint = ""
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            hint = (" It holds objects other than tensors; if you trust it, read it with "
-                    "torch.load(path, weights_only=False) and pass the state dict instead.")
-        raise ValueError(f"load_pretrained: cannot read checkpoint {path!r} "
-                         f"({type(exc).__name__}: {first}).{hint}") from exc
+        if text.startswith("version https://git-lfs"):
+            hint = "; it is a Git LFS pointer: fetch the real file (git lfs pull)"
+        elif text.lstrip().lower().startswith(("<!doctype html", "<html")):
+            hint = "; it is an HTML page: the download probably failed"
+        return f"{where}: it is a text file, not a checkpoint (it starts {first!r}){hint}"
+    found = re.search(r"GLOBAL ([\w.]+)", msg)
+    if found:
+        return (f"{where}: it holds Python objects other than tensors and plain containers "
+                f"(first: {found.group(1)}), which cribo does not unpickle: it reads only "
+                "tensors, numbers, strings and containers. Save the model's state dict "
+                "where the checkpoint was made (torch.save(model.state_dict(), ...)) and "
+                "give that file")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the|$)", msg,
+                       re.S)
+    why = (detail.group(1).strip().splitlines()[0] if detail else
+           (msg.strip().splitlines()[0] if msg.strip() and "weights_only" not in msg
+            else ""))
+    why = f" ({type(exc).__name__}: {why})" if why else f" ({type(exc).__name__})"
+    if head[:2] == b"PK":
+        return f"{where}: the torch checkpoint (zip archive) is corrupt{why}"
+    if head[:1] == b"\x80":
+        return (f"{where}: it is corrupt, truncated, or a pickle file not written by "
+                f"torch.save{why}")
+    return (f"{where}: it is not a torch checkpoint (unknown format, first bytes "
+            f"{head[:8].hex(' ')}){why}")
+
+
+def _as_text(head: bytes) -> str | None:
+    """``head`` decoded, if it looks like the start of a text file."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:   # not just a character cut at the end
+            return None
+        text = head[:e.start].decode("utf-8")
+    return text if all(c.isprintable() or c in "\t\n\r" for c in text) else None
 
 
 def _is_state_dict(obj: Any) -> bool:

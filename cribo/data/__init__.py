@@ -3,10 +3,11 @@
 =========================  ===============================================
 module                     holds
 =========================  ===============================================
-``cribo.data.views``       SPEC §1: crop/flip/colour/blur/solarise views and
+``cribo.data.views``       docs/method.md §1: crop/flip/colour/blur/solarise views and
                            each patch's position in the original image
 ``cribo.data.synthetic``   :class:`SyntheticScenes`, the embedded data set
-``cribo.data.folders``     :class:`ImageFolder`, :class:`VOCSegmentation`
+``cribo.data.folders``     :class:`ImageFolder`, :class:`VOCSegmentation`,
+                           :func:`load_rgb` (16-bit images scaled)
 ``cribo.data.loader``      :class:`TwoViewDataset`, :func:`make_loader`
 =========================  ===============================================
 
@@ -22,8 +23,9 @@ module                     holds
 
 Only NumPy and Pillow are needed; torch is imported by :func:`make_loader`.
 """
-from .folders import (IMAGE_EXTENSIONS, VOC_CLASSES, ImageFolder, UnreadableImageWarning,
-                      VOCSegmentation, load_rgb)
+from .folders import (CLASS_LIST_FILES, IMAGE_EXTENSIONS, VOC_CLASSES, ImageFolder,
+                      ImageFolderWarning, UnreadableImageWarning, VOCSegmentation, load_rgb,
+                      read_class_names, to_rgb)
 from .loader import EpochBatchSampler, TwoViewDataset, make_loader, set_epoch
 from .synthetic import CLASS_SPECS, PALETTE, SHAPES, TEXTURES, SceneObject, SyntheticScenes
 from .views import (IMAGENET_MEAN, IMAGENET_STD, Crop, TwoViewTransform, View, ViewAugment,
@@ -31,14 +33,15 @@ from .views import (IMAGENET_MEAN, IMAGENET_STD, Crop, TwoViewTransform, View, V
                     patch_positions, resized_crop, sample_crop, solarize)
 
 __all__ = [
-    # views (SPEC §1)
+    # views (docs/method.md §1)
     "IMAGENET_MEAN", "IMAGENET_STD", "Crop", "View", "ViewAugment", "ViewTransform",
     "TwoViewTransform", "sample_crop", "resized_crop", "patch_positions",
     "color_jitter", "gaussian_blur", "grayscale", "solarize", "normalize",
     # data sets
     "SyntheticScenes", "SceneObject", "CLASS_SPECS", "PALETTE", "SHAPES", "TEXTURES",
-    "ImageFolder", "VOCSegmentation", "UnreadableImageWarning", "IMAGE_EXTENSIONS",
-    "VOC_CLASSES", "load_rgb",
+    "ImageFolder", "VOCSegmentation", "UnreadableImageWarning", "ImageFolderWarning",
+    "IMAGE_EXTENSIONS", "VOC_CLASSES", "CLASS_LIST_FILES", "load_rgb", "to_rgb",
+    "read_class_names",
     # pretraining items and loading
     "TwoViewDataset", "EpochBatchSampler", "make_loader", "set_epoch",
 ]

@@ -4,6 +4,13 @@ Evaluates the checkpoint and (by default) the untrained-network floor -- a
 freshly initialised ViT of the same architecture -- on the same bank and the
 same validation images, prints a table, per-class IoUs and paired-bootstrap
 intervals of the differences, and writes everything to a JSON file.
+
+A VOC-style folder is scored with its own class list: --class-names FILE, else
+classes.txt or labelmap.txt in the folder (one name per line, the first for
+label 0, the background; or CVAT's name:r,g,b:: lines), else VOC 2012's 21
+names for a folder that looks like VOC 2012, else 'class 1'..'class m' for its
+masks' labels (up to 20; more need a list).  The output path, the class list
+and every mask used are checked before any work.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 __all__ = ["build_parser", "main"]
@@ -46,6 +54,11 @@ def build_parser(prog: str = "cribo evaluate") -> argparse.ArgumentParser:
     g.add_argument("--data", default="synthetic",
                    help="'synthetic' (the embedded scenes) or a VOC-style folder "
                         "(JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)")
+    g.add_argument("--class-names", default=None, metavar="FILE",
+                   help="class list of a VOC-style folder: one name per line, the first for "
+                        "label 0 (the background), or a labelmap.txt (name:r,g,b:: lines) "
+                        "(default: classes.txt or labelmap.txt in the folder, else VOC 2012's "
+                        "names for a VOC 2012 folder, else 'class 1'..'class m')")
     g.add_argument("--train-split", default="train", help="VOC list of the bank's images")
     g.add_argument("--val-split", default="val", help="VOC list of the validation images")
     g.add_argument("--n-train", type=int, default=400,
@@ -102,6 +115,10 @@ class _First:
         self.ds, self.n = ds, min(n, len(ds)) if n > 0 else len(ds)
         self.class_names = getattr(ds, "class_names", None)
 
+    def check(self) -> Tuple[int, ...]:
+        """The data set's mask check (:meth:`VOCSegmentation.check`) on these items."""
+        return self.ds.check(self.n)
+
     def __len__(self) -> int:
         return self.n
 
@@ -112,20 +129,105 @@ class _First:
 
 
 def _datasets(a: argparse.Namespace) -> Tuple[Any, Any]:
+    """The bank's and the validation data; a VOC folder's masks are checked here."""
     from ..data import SyntheticScenes, VOCSegmentation
 
     if a.data == "synthetic":
-        if a.n_train < 1 or a.n_val < 1:
-            raise SystemExit("cribo evaluate: --n-train and --n-val must be >= 1 for the "
-                             "synthetic scenes")
         # rendered once and kept (a few MB): every model evaluated reads the same arrays
         kw = dict(size=a.scene_size, seed=a.data_seed, n_classes=a.n_classes, in_memory=True)
         return (SyntheticScenes("train", a.n_train, **kw), SyntheticScenes("val", a.n_val, **kw))
-    if not os.path.isdir(a.data):
-        raise SystemExit(f"cribo evaluate: --data must be 'synthetic' or a VOC-style folder; "
-                         f"{a.data!r} is neither")
-    return (_First(VOCSegmentation(a.data, a.train_split), a.n_train),
-            _First(VOCSegmentation(a.data, a.val_split), a.n_val))
+    # Masks are read with check=False at construction and checked below on the
+    # images this run uses (the first --n-train / --n-val), before any model runs.
+    kw = dict(class_names=a.class_names, check=False)
+    train = _First(VOCSegmentation(a.data, a.train_split, **kw), a.n_train)
+    val = _First(VOCSegmentation(a.data, a.val_split, **kw), a.n_val)
+    train.check()
+    val.check()
+    if train.class_names != val.class_names:  # both follow the same rule; never expected
+        raise ValueError(f"--data: the class lists of --train-split {a.train_split} and "
+                         f"--val-split {a.val_split} differ")
+    ds = val.ds
+    print(f"cribo evaluate: {len(ds.class_names)} classes from {ds.class_names_source}: "
+          f"{', '.join(ds.class_names[:6])}{', ...' if len(ds.class_names) > 6 else ''}")
+    if ds.class_names_note:
+        print(f"note: {ds.class_names_note}")
+    return train, val
+
+
+def _check_paths(a: argparse.Namespace) -> None:
+    """Inputs and outputs that the options name, checked before any work.
+
+    Raises:
+        FileNotFoundError / ValueError naming the option.
+    """
+    if a.data == "synthetic":
+        if a.n_train < 1 or a.n_val < 1:
+            raise ValueError("--n-train and --n-val must be >= 1 for the synthetic scenes")
+        if a.class_names is not None:
+            raise ValueError("--class-names applies to a VOC-style --data folder; the "
+                             "synthetic scenes name their own classes")
+    elif not os.path.isdir(a.data):
+        raise FileNotFoundError(f"--data must be 'synthetic' or a VOC-style folder; "
+                                f"{a.data!r} is neither")
+    if a.class_names is not None and not os.path.isfile(a.class_names):
+        raise FileNotFoundError(f"--class-names: no such file: {a.class_names}")
+    if a.out:
+        _check_output_file(a.out, "--out")
+
+
+def _check_output_file(path: str, option: str) -> None:
+    """That ``path`` can be written as a file: not a folder, under a writable folder.
+
+    Folders missing on the way are allowed (they are created when writing);
+    the nearest existing one must be a folder in which a file can be created
+    (tried with a temporary file, so it holds for root and read-only mounts).
+    """
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"{option}: {path} is a folder; give a file path, e.g. "
+                         f"{os.path.join(path, 'evaluation.json')}")
+    if os.path.exists(full) and not os.path.isfile(full):
+        raise ValueError(f"{option}: {path} exists and is not a regular file")
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option}: cannot write {path}: {parent} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+        if os.path.exists(full) and not os.access(full, os.W_OK):
+            raise PermissionError(f"{full} is read-only")
+    except OSError as e:
+        raise ValueError(f"{option}: cannot write {path} ({e.strerror or e})") from None
+
+
+def _write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` to ``path`` whole or not at all (temporary file, then rename)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _load(option: str, path: str, a: argparse.Namespace) -> Any:
+    """:func:`load_backbone` with the option's name in its errors."""
+    from .features import load_backbone
+
+    try:
+        return load_backbone(path, key=a.key, num_heads=a.num_heads, verbose=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{option}: {e}") from None
 
 
 def _pct(v: Optional[float]) -> str:
@@ -159,40 +261,53 @@ def _table(models: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """Range checks of the options, before any work (argparse's usage error, exit 2)."""
-    rules = [(a.k >= 1, "--k must be >= 1"), (a.temperature > 0, "--temperature must be > 0"),
-             (a.n_train >= 0 and a.n_val >= 0, "--n-train and --n-val must be >= 0"),
-             (a.patches_per_image >= 0, "--patches-per-image must be >= 0 (0: no cap)"),
-             (a.augment_passes >= 0, "--augment-passes must be >= 0"),
-             (0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
-              "--crop-scale must be two numbers 0 < LO <= HI <= 1"),
-             (a.probe_epochs >= 1 and a.probe_lr > 0 and a.probe_batch_size >= 1,
-              "--probe-epochs and --probe-batch-size must be >= 1 and --probe-lr > 0"),
-             (a.bootstrap >= 0, "--bootstrap must be >= 0"),
-             (a.batch_size >= 1 and a.query_chunk >= 1,
-              "--batch-size and --query-chunk must be >= 1"),
-             (a.threads >= 0, "--threads must be >= 0"),
-             (a.image_size is None or a.image_size >= 1, "--image-size must be >= 1")]
-    for ok, msg in rules:
+def _check(a: argparse.Namespace) -> None:
+    """Range checks of the options, before any work: a ValueError naming the option
+    (``cribo`` prints it as one line and exits with status 2)."""
+    fin = math.isfinite
+    rules = [
+        (a.k >= 1, "--k must be >= 1", a.k),
+        (fin(a.temperature) and a.temperature > 0, "--temperature must be a finite number > 0",
+         a.temperature),
+        (a.n_train >= 0, "--n-train must be >= 0", a.n_train),
+        (a.n_val >= 0, "--n-val must be >= 0", a.n_val),
+        (a.patches_per_image >= 0, "--patches-per-image must be >= 0 (0: no cap)",
+         a.patches_per_image),
+        (a.augment_passes >= 0, "--augment-passes must be >= 0", a.augment_passes),
+        (all(fin(x) for x in a.crop_scale) and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+         "--crop-scale must be two numbers 0 < LO <= HI <= 1", list(a.crop_scale)),
+        (a.probe_epochs >= 1, "--probe-epochs must be >= 1", a.probe_epochs),
+        (fin(a.probe_lr) and a.probe_lr > 0, "--probe-lr must be a finite number > 0",
+         a.probe_lr),
+        (a.probe_batch_size >= 1, "--probe-batch-size must be >= 1", a.probe_batch_size),
+        (a.bootstrap >= 0, "--bootstrap must be >= 0", a.bootstrap),
+        (a.batch_size >= 1, "--batch-size must be >= 1", a.batch_size),
+        (a.query_chunk >= 1, "--query-chunk must be >= 1", a.query_chunk),
+        (a.threads >= 0, "--threads must be >= 0", a.threads),
+        (a.image_size is None or a.image_size >= 1, "--image-size must be >= 1", a.image_size),
+        (a.n_classes >= 1, "--n-classes must be >= 1", a.n_classes),
+        (a.scene_size >= 1, "--scene-size must be >= 1", a.scene_size),
+    ]
+    for ok, msg, value in rules:
         if not ok:
-            p.error(msg)
-    for path in (a.checkpoint, a.compare):
+            raise ValueError(f"{msg}, got {value}")
+    for option, path in (("--checkpoint", a.checkpoint), ("--compare", a.compare)):
         if path is not None and not os.path.exists(path):
-            p.error(f"no checkpoint at {path}")
+            raise FileNotFoundError(f"{option}: no checkpoint at {path}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``cribo evaluate`` (see ``--help``)."""
     parser = build_parser()
     a = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    _check(parser, a)
+    _check(a)
+    _check_paths(a)
     import torch
 
     import cribo
 
     from .dense import dense_evaluation
-    from .features import class_names_of, load_backbone, random_init_like
+    from .features import class_names_of, random_init_like
     from .metrics import paired_bootstrap
 
     if a.threads > 0:
@@ -202,11 +317,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           else ("cpu" if a.device == "auto" else a.device))
     train_set, val_set = _datasets(a)
 
-    models: Dict[str, Any] = {"checkpoint": load_backbone(a.checkpoint, key=a.key,
-                                                          num_heads=a.num_heads, verbose=True)}
+    models: Dict[str, Any] = {"checkpoint": _load("--checkpoint", a.checkpoint, a)}
     if a.compare:
-        models["compare"] = load_backbone(a.compare, key=a.key, num_heads=a.num_heads,
-                                          verbose=True)
+        models["compare"] = _load("--compare", a.compare, a)
     init_seed = a.init_seed
     if init_seed is None:
         run = models["checkpoint"].training_config or {}
@@ -262,10 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           for kind, r in rs.items()} for m, rs in results.items()},
            "bootstrap": boot}
     if a.out:
-        d = os.path.dirname(os.path.abspath(a.out))
-        os.makedirs(d, exist_ok=True)
-        with open(a.out, "w") as fh:
-            json.dump(_json_safe(out), fh, indent=2)
+        _write_json(a.out, _json_safe(out))
         print(f"\nwrote {a.out}")
     return 0
 

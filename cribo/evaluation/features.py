@@ -84,6 +84,13 @@ def load_backbone(path: str, *, key: str = "teacher", num_heads: Optional[int] =
         The :class:`cribo.models.VisionTransformer` in eval mode; its attribute
         ``training_config`` holds the options of the ``cribo pretrain`` run that
         wrote the checkpoint (a dict), or None for a published checkpoint.
+
+    Raises:
+        FileNotFoundError: no such file, or a folder without
+            ``teacher_backbone.pth``.
+        ValueError: a file that is not a readable checkpoint (empty, truncated,
+            corrupt, text, unknown format, or holding Python objects other
+            than tensors); the message names the file and says which.
     """
     from .. import models
 
@@ -94,7 +101,10 @@ def load_backbone(path: str, *, key: str = "teacher", num_heads: Optional[int] =
             raise FileNotFoundError(f"load_backbone: {path} is a folder without "
                                     "teacher_backbone.pth")
         path = f
-    obj = models._read_checkpoint(path)
+    # Unreadable files (missing, empty, truncated, text, corrupt, foreign
+    # objects) raise FileNotFoundError / ValueError naming the file; nothing
+    # suggests loading it unsafely.
+    obj = models._read_checkpoint(path, who="load_backbone")
     cfg = obj.get("config") if isinstance(obj, Mapping) else None
     if not isinstance(cfg, Mapping):
         cfg = _config_beside(path)
