@@ -1,4 +1,4 @@
-"""The CrIBo objective for torch modules (SPEC §2-§5 on autograd).
+"""The CrIBo objective for torch modules (docs/method.md §2-§5 on autograd).
 
 One call of :class:`CriboObjective` does, for a batch of B images seen in two
 views (Lebailly, Stegmüller et al., ICLR 2024, §3):
@@ -38,13 +38,26 @@ from .clustering import cluster
 from .losses import cribo_losses
 from .pooling import pool, pool_backward
 
-__all__ = ["CriboObjective", "CriboStudent", "ObjectiveOutput", "pool_tokens",
-           "student_logits", "image_seeds"]
+__all__ = ["CriboObjective", "CriboStudent", "ObjectiveOutput", "NonFiniteError",
+           "pool_tokens", "student_logits", "image_seeds"]
 
 #: What the objective asks of the student: given the teacher's cluster labels
 #: (B, 2, N) and valid clusters (B, K), the student's global logits (2, B, L) and
 #: object logits (2, M, L) of the M valid objects, computed with gradient.
 StudentFn = Callable[[np.ndarray, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
+
+
+class NonFiniteError(FloatingPointError):
+    """A network output the objective was given holds NaN or infinite values (a
+    diverging run): raised before the C operators see it, naming the tensor."""
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    """Raises :class:`NonFiniteError` if ``t`` holds a NaN or an infinity."""
+    if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+        n_bad = int((~torch.isfinite(t.detach())).sum())
+        raise NonFiniteError(f"{what} hold {n_bad} non-finite value{'s' if n_bad > 1 else ''} "
+                             f"(NaN or inf) of {t.numel()}")
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -62,6 +75,7 @@ class _Pool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tokens: torch.Tensor, labels: np.ndarray, K: int) -> torch.Tensor:
+        _check_finite(tokens, "the student's patch tokens")
         ctx.labels, ctx.K = labels, K
         ctx.device, ctx.dtype = tokens.device, tokens.dtype
         out = pool(_host(tokens), labels, K)
@@ -233,7 +247,7 @@ class CriboObjective(nn.Module):
         out_dim_objects: width of the object output (default: out_dim).
         n_clusters: K per image (64 in the reference).
         queue_size: images held by the queue (25 000 in the reference).
-        pos_weight, sinkhorn_lambda, sinkhorn_iters, n_iters: clustering, SPEC §2.
+        pos_weight, sinkhorn_lambda, sinkhorn_iters, n_iters: clustering, docs/method.md §2.
         student_temp: tau_s.
         center_momentum: centre EMA momentum.
         weights: (w_global, w_objects, w_neighbours); (1, 0, 0) is DINO.
@@ -321,6 +335,11 @@ class CriboObjective(nn.Module):
 
         Returns:
             An :class:`ObjectiveOutput`.
+
+        Raises:
+            NonFiniteError: the teacher's tokens, CLS outputs or logits, or the
+                student's tokens or logits, hold a NaN or an infinity (a diverging
+                run), named in the message.
         """
         distributed, rank, world = _dist()
         B, _, N, d = teacher_tokens.shape
@@ -333,6 +352,10 @@ class CriboObjective(nn.Module):
         tick = time.perf_counter
         timings: Dict[str, float] = {}
         t = tick()
+        # A diverging network is reported here, by name, before the C operators'
+        # input checks see its NaN/inf (they would only say "tokens must be finite").
+        _check_finite(teacher_tokens, "the teacher's patch tokens")
+        _check_finite(teacher_cls, "the teacher's CLS outputs")
         # 1. Joint-space clustering of the teacher's tokens.
         t_tok = _host(teacher_tokens)
         c = cluster(t_tok, pos, K, pos_weight=self.pos_weight if pos_weight is None
@@ -369,6 +392,8 @@ class CriboObjective(nn.Module):
         #    on the retrieved neighbours.
         dev = teacher_tokens.device
         sg, so = student(c.labels, valid)
+        _check_finite(sg, "the student's global logits")
+        _check_finite(so, "the student's object logits")
         timings["student_forward"], t = tick() - t, tick()
         L = sg.shape[-1]
         with torch.no_grad():
@@ -380,7 +405,11 @@ class CriboObjective(nn.Module):
             tn = None
             if use_neighbours and M > 0 and (match.mask1.any() or match.mask2.any()):
                 targets = torch.from_numpy(np.concatenate([match.targets1, match.targets2]))
-                tn = _host(teacher_head.forward_objects(targets.to(dev))).reshape(2, M, -1)
+                tn_t = teacher_head.forward_objects(targets.to(dev))
+                _check_finite(tn_t, "the teacher's logits of the queue neighbours")
+                tn = _host(tn_t).reshape(2, M, -1)
+            _check_finite(tg, "the teacher's global logits")
+            _check_finite(to, "the teacher's object logits")
 
         timings["teacher_heads"], t = tick() - t, tick()
         # 5. Losses with the fused C gradient; centres.

@@ -37,7 +37,7 @@ class TwoViewDataset:
             image or a tuple whose first element is one (e.g.
             :class:`SyntheticScenes`, :class:`ImageFolder`,
             :class:`VOCSegmentation`; masks are ignored).
-        transform: the two-view augmentation (default: SPEC §1 at 224 px,
+        transform: the two-view augmentation (default: docs/method.md §1 at 224 px,
             patch 16).
         seed: base seed of the augmentations.
 
@@ -103,7 +103,9 @@ class EpochBatchSampler:
     process with batch P*b.  With ``drop_last`` the incomplete last global
     batch is dropped; otherwise it is kept (one process) or completed with
     indices from the start of the order (several processes, so every process
-    runs the same number of steps).
+    runs the same number of steps).  ``set_epoch(e, start=t)`` begins epoch
+    ``e`` at its batch ``t`` (a run resumed mid-epoch); the length stays the
+    epoch's full number of steps.
 
     Args:
         n: number of items.
@@ -124,10 +126,12 @@ class EpochBatchSampler:
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.seed = _check_nonneg("EpochBatchSampler: seed", seed)
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the order of epoch ``epoch`` (>= 0)."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Selects the order of epoch ``epoch`` (>= 0), from its batch ``start``."""
         self.epoch = _check_nonneg("EpochBatchSampler.set_epoch: epoch", epoch)
+        self.start = _check_nonneg("EpochBatchSampler.set_epoch: start", start)
 
     def __len__(self) -> int:
         G = self.batch_size * self.world_size
@@ -142,7 +146,7 @@ class EpochBatchSampler:
         G, b, steps = self.batch_size * self.world_size, self.batch_size, len(self)
         if not self.drop_last and self.world_size > 1 and self.n:
             order = np.resize(order, steps * G)  # wraps around to complete the last batch
-        for t in range(steps):
+        for t in range(self.start, steps):
             lo = t * G + self.rank * b
             batch = order[lo:min(lo + b, len(order))].tolist()
             if batch:
@@ -200,11 +204,29 @@ def make_loader(dataset: Any, batch_size: int, num_workers: int = 0, shuffle: bo
     epoch = getattr(dataset, "epoch", 0)
     sampler.set_epoch(epoch if isinstance(epoch, int) else 0)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=int(num_workers),
-                                       pin_memory=pin_memory, persistent_workers=False)
+                                       pin_memory=pin_memory, persistent_workers=False,
+                                       worker_init_fn=_worker_ignores_interrupts)
 
 
-def set_epoch(loader: Any, epoch: int) -> None:
-    """Sets the epoch of a loader's batch sampler and of its data set (where they have one)."""
-    for obj in (getattr(loader, "batch_sampler", None), getattr(loader, "dataset", None)):
-        if hasattr(obj, "set_epoch"):
-            obj.set_epoch(epoch)
+def _worker_ignores_interrupts(_: int) -> None:
+    """Workers leave SIGINT to the main process, which stops the run after its
+    current step (a Ctrl-C reaches every process of the terminal's group, and a
+    worker it stopped would fail the step)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def set_epoch(loader: Any, epoch: int, start: int = 0) -> None:
+    """Sets the epoch of a loader's batch sampler and of its data set (where they have
+    one); the sampler begins the epoch at its batch ``start`` (default 0)."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, EpochBatchSampler):
+        sampler.set_epoch(epoch, start)
+    elif start:
+        raise ValueError("set_epoch: start > 0 needs a loader made by make_loader")
+    elif hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
