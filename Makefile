@@ -1,9 +1,11 @@
-# Two commands do all the set-up on a machine with nothing but Python 3.9+ and a C
-# compiler; each installs what it needs, idempotently, into .venv:
-#   make demo      the C operators on a drawn scene (cluster maps, one object-level step)
-#   make test      the test suite (CI runs exactly this)
-# Also: make pretrain (the CPU preset, ~10 min on 2 cores), make bench (benchmarks/),
-# make test-all (including tests marked slow), make clean.
+# Two commands do all the set-up on a machine with nothing but Python 3.10+ (for the
+# pinned torch) and a C compiler; each installs what it needs, idempotently, into .venv:
+#   make pretrain  the main job: pretrains the CPU preset on the embedded synthetic
+#                  scenes, evaluates the teacher and writes runs/cribo/report/
+#                  (about 6 min on 2 cores)
+#   make test      the test suite (CI runs exactly this, through .ci/run)
+# Optional: make demo (a tour of the C operators, a few seconds), make bench
+# (benchmarks/), make test-all (including tests marked slow), make clean.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,7 +20,7 @@ TORCH  ?= torch==2.13.0
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "setuptools>=77" wheel "numpy>=2.0" "scipy-openblas32>=0.3.27"
+	$(PIP) install -q "setuptools>=77" "numpy>=2.0" "scipy-openblas32>=0.3.27"
 	$(PIP) install -q $(TORCH)
 	touch $@
 
@@ -27,15 +29,17 @@ $(VENV)/.cribo: $(VENV)/.base setup.py pyproject.toml $(wildcard csrc/*.c csrc/*
 	$(PIP) install -q --no-build-isolation -e ".[torch,plot]"
 	touch $@
 
-$(VENV)/.testdeps: $(VENV)/.base
-	$(PIP) install -q "pytest>=7" "hypothesis>=6" "threadpoolctl>=3" nbformat nbclient ipykernel
+# Re-run (a no-op when all is there) whenever this list changes.  `build` is for
+# tests/test_packaging.py (python -m build).
+$(VENV)/.testdeps: $(VENV)/.base Makefile
+	$(PIP) install -q "pytest>=7" "hypothesis>=6" "threadpoolctl>=3" "build>=1" nbformat nbclient ipykernel
 	touch $@
 
 demo: $(VENV)/.cribo
 	$(VENV)/bin/cribo demo
 
 pretrain: $(VENV)/.cribo
-	$(VENV)/bin/cribo pretrain
+	$(VENV)/bin/cribo pretrain $(ARGS)
 
 # CI's short run: everything but the tests marked slow.
 test: $(VENV)/.cribo $(VENV)/.testdeps

@@ -16,7 +16,10 @@ sources = [os.path.join("csrc", f) for f in
 include_dirs = [numpy.get_include(), "csrc"]
 library_dirs = []
 libraries = []
-define_macros = [("NDEBUG", None)]
+# The NumPy C-API the extension may use: that of NumPy 1.25, the runtime floor in
+# pyproject.toml.  Built against NumPy 2.x headers, it then imports under any NumPy
+# from 1.25 on, whatever NumPy the build environment picked.
+define_macros = [("NDEBUG", None), ("NPY_TARGET_VERSION", "NPY_1_25_API_VERSION")]
 runtime_library_dirs = []
 extra_link_args = []
 

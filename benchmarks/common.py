@@ -31,7 +31,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclass(frozen=True)
 class Sizes:
-    """Benchmark shapes. ``reference()`` is ViT-S/16 at 224 px on COCO (SPEC 6)."""
+    """Benchmark shapes. ``reference()`` is ViT-S/16 at 224 px on COCO (docs/method.md §6)."""
 
     # clustering and pooling
     B: int
@@ -89,7 +89,7 @@ def make_scene_views(seed: int, B: int, N: int, d: int,
     Each scene is a 448x448 image holding ``n_objects`` discs on a background;
     every region has its own random prototype in R^d. A view is a crop of
     area scale U(0.25, 1) and aspect ratio log-U(3/4, 4/3), flipped with
-    probability 0.5 (SPEC 1); a token is the prototype of the region under its
+    probability 0.5 (docs/method.md §1); a token is the prototype of the region under its
     patch centre plus Gaussian noise, and its position is the patch centre in
     the original image's frame. This gives the clustering realistic structure
     (semantic regions that are spatially compact, shared across the views)
@@ -195,7 +195,7 @@ def make_push_batch(seed: int, n_images: int, mean_objects: int, d: int) -> dict
 
 
 def make_loss_inputs(seed: int, B: int, M: int, L: int) -> dict[str, Any]:
-    """Head outputs for the three CrIBo losses (SPEC 5), float32.
+    """Head outputs for the three CrIBo losses (docs/method.md §5), float32.
 
     Teacher rows are correlated with the student rows (a half-trained
     network), scaled like the logits of a weight-normalised DINO head.

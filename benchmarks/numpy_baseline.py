@@ -1,4 +1,4 @@
-"""Plain NumPy implementations of the CrIBo operators (SPEC.md sections 2-5).
+"""Plain NumPy implementations of the CrIBo operators (docs/method.md §2-§5).
 
 The "NumPy equivalent" of the benchmark (and the reference cribo's output is
 validated against before it is timed): float32 throughout, like cribo, and
@@ -29,7 +29,7 @@ F32 = np.float32
 
 
 # ============================================================================
-# Clustering (SPEC 2), per image
+# Clustering (docs/method.md §2), per image
 # ============================================================================
 
 
@@ -54,7 +54,7 @@ def _positional_cost(dist_nz: np.ndarray, labels: np.ndarray, K: int) -> np.ndar
     ``dist_nz`` is the (2N, 2N) distance matrix with zeros replaced by +inf;
     ``labels`` (2N,) the cluster of each token, -1 for none. A cluster with no
     member at non-zero distance gets 0, then zeros become the mean of D
-    (zeros included) and D is divided by its maximum (SPEC 2.3).
+    (zeros included) and D is divided by its maximum (docs/method.md §2 step 3).
     """
     n = dist_nz.shape[0]
     members = np.flatnonzero(labels >= 0)
@@ -117,7 +117,7 @@ def _cluster_one(Z: np.ndarray, P: np.ndarray, init: np.ndarray, K: int, pos_wei
 def cluster(tokens: np.ndarray, positions: np.ndarray, n_clusters: int, *, init: np.ndarray,
             pos_weight: float = 2.0, sinkhorn_lambda: float = 20.0, sinkhorn_iters: int = 5,
             n_iters: int = 5, update_marginals: bool = True) -> Clustering:
-    """Joint-space clustering of each image's 2N tokens (SPEC 2).
+    """Joint-space clustering of each image's 2N tokens (docs/method.md §2).
 
     Args:
         tokens: (B, 2, N, d) token features.
@@ -146,7 +146,7 @@ def cluster(tokens: np.ndarray, positions: np.ndarray, n_clusters: int, *, init:
 
 
 # ============================================================================
-# Pooling (SPEC 3), hard assignment
+# Pooling (docs/method.md §3), hard assignment
 # ============================================================================
 
 
@@ -170,7 +170,7 @@ def pool_backward(grad_objects: np.ndarray, labels: np.ndarray, n_clusters: int)
 
 
 # ============================================================================
-# Object queue (SPEC 4)
+# Object queue (docs/method.md §4)
 # ============================================================================
 
 
@@ -238,7 +238,7 @@ class ObjectQueue:
 
 
 # ============================================================================
-# Losses (SPEC 5)
+# Losses (docs/method.md §5)
 # ============================================================================
 
 
@@ -282,7 +282,7 @@ def cribo_losses(student_global: np.ndarray, teacher_global: np.ndarray,
                  weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
                  center_momentum: float = 0.9) -> CriboLosses:
     """L_g + L_o + L_nn with gradients w.r.t. the student logits and the
-    updated centres (SPEC 5, the paper's Z1/Z2 normalisation)."""
+    updated centres (docs/method.md §5, the paper's Z1/Z2 normalisation)."""
     tt_o = teacher_temp if teacher_temp_objects is None else teacher_temp_objects
     ts = F32(student_temp)
     wg, wo, wn = weights

@@ -5,7 +5,7 @@
                              [--only cluster,pool,queue,loss] [--no-memory]
 
 For every operator and thread count, one fresh worker process:
-  1. builds fixed-seed inputs (the reference sizes of SPEC/STYLE, or tiny
+  1. builds fixed-seed inputs (the reference sizes of docs/method.md §6, or tiny
      ones with --quick);
   2. VALIDATES: torch and cribo outputs are checked against the NumPy
      baseline; an implementation that disagrees is not timed (the row records

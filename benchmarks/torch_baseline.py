@@ -7,9 +7,9 @@ get_nn_centroids, CrIBoLoss) does it, on float32 CPU tensors:
   (B, 2N, 2N, K) tensor ``dist[b,n,m] * A[b,m,k]`` whose zeros are replaced
   by 1e5 where the column has a non-zero entry, then a min over m; plain-exp
   Sinkhorn on the whole batch with ``nan_to_num``. Differences from the
-  reference, all so that its output follows SPEC.md and can be validated:
+  reference, all so that its output follows docs/method.md and can be validated:
   (1) min-max normalisation of the cost PER IMAGE (the reference uses the
-  batch-wide min and max; SPEC deviation), with a constant cost giving zeros;
+  batch-wide min and max; a deviation, docs/method.md §2), with a constant cost giving zeros;
   (2) ties in the hard assignment go to the lowest cluster (``argmax``; the
   reference puts a tied token in every tied cluster); (3) initial indices
   passed in (the reference draws them with ``multinomial``); (4) the
@@ -24,8 +24,8 @@ get_nn_centroids, CrIBoLoss) does it, on float32 CPU tensors:
   further similarity matrices against the batch; push = ``torch.cat`` of the
   new block in front of the old queue (a full copy, as the reference).
 * losses: ``log_softmax`` of the student, ``softmax`` of the centred teacher,
-  the cross-entropies summed as in SPEC 5 (the paper's Z1/Z2, terms summed,
-  not halved -- SPEC deviations from the reference), ``loss.backward()`` on
+  the cross-entropies summed as in docs/method.md §5 (the paper's Z1/Z2, terms
+  summed, not halved -- deviations from the reference), ``loss.backward()`` on
   student logits that require grad, and the DINO-style centre update under
   ``no_grad``.
 """
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 # ============================================================================
-# Clustering (SPEC 2)
+# Clustering (docs/method.md §2)
 # ============================================================================
 
 
@@ -100,7 +100,7 @@ def cluster(tokens: torch.Tensor, positions: torch.Tensor, n_clusters: int, *,
         pos_similarity = pos_similarity / torch.where(mx > 0, mx, torch.ones_like(mx))
 
         M = -sem_similarity + pos_weight * pos_similarity
-        lo = M.amin(dim=(1, 2), keepdim=True)  # per image (SPEC deviation)
+        lo = M.amin(dim=(1, 2), keepdim=True)  # per image (docs/method.md §2 deviation)
         span = M.amax(dim=(1, 2), keepdim=True) - lo
         M = torch.where(span > 0, (M - lo) / torch.where(span > 0, span, torch.ones_like(span)),
                         torch.zeros_like(M))
@@ -120,7 +120,7 @@ def cluster(tokens: torch.Tensor, positions: torch.Tensor, n_clusters: int, *,
 
 
 # ============================================================================
-# Pooling (SPEC 3)
+# Pooling (docs/method.md §3)
 # ============================================================================
 
 
@@ -138,7 +138,7 @@ def pool_forward_backward(tokens: torch.Tensor, labels: torch.Tensor, n_clusters
 
 
 # ============================================================================
-# Object queue (SPEC 4)
+# Object queue (docs/method.md §4)
 # ============================================================================
 
 
@@ -196,7 +196,7 @@ class ObjectQueue:
 
 
 # ============================================================================
-# Losses (SPEC 5)
+# Losses (docs/method.md §5)
 # ============================================================================
 
 
@@ -264,7 +264,7 @@ def cribo_losses(student_global: torch.Tensor, teacher_global: torch.Tensor,
 
 def describe() -> dict[str, Any]:
     return {"clustering": "batched; dense (B,2N,2N,K) positional tensor; plain-exp Sinkhorn; "
-                          "PER-IMAGE min-max (SPEC deviation from the reference's batch-wide "
+                          "PER-IMAGE min-max (docs/method.md §2; the reference's is batch-wide "
                           "min-max); argmax ties to lowest k; cdist without the matmul path",
             "pool": "einsum with L1-normalised one-hot assignment; autograd backward",
             "queue": "F.normalize of the whole queue per look-up; full queries @ queue.T per view; "

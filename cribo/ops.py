@@ -6,7 +6,7 @@ validates shapes and hyper-parameters with errors that name the argument, and
 calls a C kernel with the GIL released.  Nothing here needs torch.
 
 ===============================  =====================  ===================
-SPEC section                     Python module          C kernel
+docs/method.md                   Python module          C kernel
 ===============================  =====================  ===================
 §2 joint-space clustering        cribo/clustering.py    csrc/cluster.c
 §3 object pooling                cribo/pooling.py       csrc/pool.c

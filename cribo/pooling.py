@@ -1,4 +1,4 @@
-"""Object pooling (SPEC §3; C kernel: csrc/pool.c).
+"""Object pooling (docs/method.md §3; C kernel: csrc/pool.c).
 
 ``c_i^k = sum_n Qhat_i(n, k) z_i^n``: the representation of object k in view i is
 the mean of its member tokens (hard labels) or the Qhat-weighted mean (soft

@@ -1,4 +1,4 @@
-"""Per-iteration schedules of SPEC §6, precomputed as arrays (DINO's way)."""
+"""Per-iteration schedules of docs/method.md §6, precomputed as arrays (DINO's way)."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +23,7 @@ def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int
 def teacher_temp_schedule(start: float, end: float, warmup_epochs: int, epochs: int,
                           iters_per_epoch: int) -> np.ndarray:
     """Per-iteration teacher temperature: ``linspace(start, end, warmup_epochs)[e]``
-    during the warm-up, then ``end``; constant within an epoch (SPEC §5)."""
+    during the warm-up, then ``end``; constant within an epoch (docs/method.md §5)."""
     per_epoch = np.full(epochs, end, dtype=np.float64)
     w = min(warmup_epochs, epochs)
     if warmup_epochs > 0:
@@ -33,6 +33,6 @@ def teacher_temp_schedule(start: float, end: float, warmup_epochs: int, epochs: 
 
 def pos_weight_schedule(start: float, end: float, epochs: int,
                         iters_per_epoch: int) -> np.ndarray:
-    """Per-iteration positional weight: ``linspace(start, end, epochs)[e]`` (SPEC §2:
+    """Per-iteration positional weight: ``linspace(start, end, epochs)[e]`` (docs/method.md §2:
     the reference's ``linspace(pos_alpha[1], pos_alpha[0], epochs)``)."""
     return np.repeat(np.linspace(start, end, epochs), iters_per_epoch)

@@ -3,9 +3,9 @@
 =============================  ==================================================
 function                       draws
 =============================  ==================================================
-:func:`plot_clusters`          the joint-space clusters of two views (SPEC §2):
+:func:`plot_clusters`          the joint-space clusters of two views (docs/method.md §2):
                                the same colour is the same cluster in both views
-:func:`plot_matches`           neighbour matches (SPEC §4): a query object's
+:func:`plot_matches`           neighbour matches (docs/method.md §4): a query object's
                                region next to the queue entry it retrieved,
                                framed green (cycle-consistent) or red
 :func:`plot_curves`            every loss term and statistic of a ``log.jsonl``
@@ -266,7 +266,7 @@ def plot_clusters(view1_image: Any, view2_image: Any, labels1: Any, labels2: Any
                   titles: Sequence[str] = ("view 1", "view 2"),
                   title: Optional[str] = None, panel_size: float = 3.0, dpi: int = 100,
                   path: Optional[PathLike] = None) -> Any:
-    """The joint-space clusters drawn on both views, side by side (SPEC §2).
+    """The joint-space clusters drawn on both views, side by side (docs/method.md §2).
 
     CrIBo clusters the patches of both views of an image together, so cluster k
     of view 1 and cluster k of view 2 are one object seen twice.  Each patch is
@@ -623,7 +623,7 @@ def plot_matches(examples: Sequence[MatchExample], *, ncols: int = 2,
     """Neighbour matches: each object's region next to the queue entry it retrieved.
 
     Each pair is framed green if it passed the cycle check (the retrieved
-    entry's other view points back to the query object; SPEC §4) and red if not;
+    entry's other view points back to the query object; docs/method.md §4) and red if not;
     outside the regions the images are darkened.
 
     Args:

@@ -68,7 +68,7 @@ print("nearest queue entries:", m.index1, "| cycle-consistent:", m.mask1.mean())
         new_markdown_cell("""# 02 · Pretrain a tiny ViT with CrIBo and evaluate it
 
 `cribo.train.train` is what `cribo pretrain` runs. We train on the embedded
-synthetic scenes, then measure dense nearest-neighbour retrieval (SPEC §7) of the
+synthetic scenes, then measure dense nearest-neighbour retrieval (docs/method.md §7) of the
 teacher against the same network untrained."""),
         new_code_cell(SETUP),
         new_code_cell("""import tempfile
@@ -136,6 +136,8 @@ Show(filename=f"{out}/ablation.png")"""),
 
 def main() -> None:
     for name, cells in NOTEBOOKS.items():
+        for i, cell in enumerate(cells):  # stable ids: regenerating changes only what changed
+            cell["id"] = f"nb{name[:2]}-cell{i:02d}"
         nb = new_notebook(cells=cells, metadata={"kernelspec": {
             "name": "python3", "display_name": "Python 3", "language": "python"}})
         nbformat.write(nb, os.path.join(HERE, name))

@@ -1,5 +1,5 @@
 """CriboObjective (C operators inside autograd) against a plain torch-autograd
-implementation of SPEC §2-§5 on small sizes: the loss and the gradient of every
+implementation of docs/method.md §2-§5 on small sizes: the loss and the gradient of every
 student parameter agree."""
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def H(student, teacher, center, tau_s, tau_t):
 
 def plain_step(obj, queue, s_cls, s_tok, t_cls, t_tok, pos, s_head, t_head, ids, step,
                tau_t, use_nn=True):
-    """SPEC §2-§5 with torch autograd; clustering and look-up (no gradient) reuse cribo."""
+    """docs/method.md §2-§5 with torch autograd; clustering and look-up (no gradient) reuse cribo."""
     c = cribo.cluster(t_tok.detach().numpy(), pos, K, pos_weight=obj.pos_weight,
                       seed=image_seeds(obj.seed, step, ids))
     onehot = torch.from_numpy(np.eye(K, dtype=np.float32)[c.labels])       # (B,2,N,K)

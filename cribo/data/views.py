@@ -1,4 +1,4 @@
-"""CrIBo's two augmented views of an image, with each patch's position (SPEC §1).
+"""CrIBo's two augmented views of an image, with each patch's position (docs/method.md §1).
 
 Each view is a random resized crop of the original image (torchvision's
 ``RandomResizedCrop`` sampling, bicubic), a horizontal flip with probability
@@ -296,7 +296,7 @@ def normalize(image: ImageLike, mean: Optional[Tuple[float, ...]] = IMAGENET_MEA
 
 @dataclass(frozen=True)
 class ViewAugment:
-    """The augmentation parameters of one view (defaults: SPEC §1, view 1).
+    """The augmentation parameters of one view (defaults: docs/method.md §1, view 1).
 
     Attributes:
         scale: range of the crop's area as a fraction of the image's.
@@ -458,7 +458,7 @@ def _default_view2() -> ViewAugment:
 
 @dataclass(frozen=True)
 class TwoViewTransform:
-    """CrIBo's two global views of an image (SPEC §1; no local crops).
+    """CrIBo's two global views of an image (docs/method.md §1; no local crops).
 
     Args:
         size: side S of both views (reference: 224).

@@ -1,4 +1,4 @@
-"""Dense evaluation of frozen patch features (SPEC §7; issue 4).
+"""Dense evaluation of frozen patch features (docs/method.md §7; issue 4).
 
 =================================  ============================================
 module                             holds
