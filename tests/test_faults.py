@@ -833,7 +833,8 @@ def _kill_loop(out, args, n_kills, reference_ck, seed):
             start = load(out / "checkpoint.pth")["iteration"] if (out / "checkpoint.pth").exists() \
                 else 0
             during_save = k % 2 == 0
-            target = done + rng.randint(0, max(steps - start - 1, 0))
+            # A few steps on at most, so that the run needs many kills to finish.
+            target = done + rng.randint(0, max(min(3, steps - start - 1), 0))
             while p.poll() is None:
                 if during_save:
                     if temporaries(out):
