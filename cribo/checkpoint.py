@@ -88,15 +88,13 @@ def _write_error(path: str, e: OSError, what: str) -> OutputWriteError:
                             f"file is left")
 
 
-def _replace_atomically(path: str, write: Any, what: str) -> None:
-    """Calls ``write(file)`` on ``<path>.tmp.<pid>``, syncs it and renames it over
-    ``path``.  On any failure or interruption the temporary file is removed."""
+def _replace_atomically(path: str, fill: Any, what: str) -> None:
+    """Calls ``fill(tmp)`` to create ``tmp = <path>.tmp.<pid>`` complete and synced,
+    then renames it over ``path``.  On any failure or interruption the temporary
+    file is removed and ``path`` is left as it was."""
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        fill(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -114,6 +112,16 @@ def _replace_atomically(path: str, write: Any, what: str) -> None:
     _fsync_dir(os.path.dirname(path))
 
 
+def _written_by(write: Any) -> Any:
+    """A ``fill`` for :func:`_replace_atomically` that calls ``write(file)``."""
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return fill
+
+
 def atomic_save(obj: Any, path: str, what: str = "checkpoint") -> None:
     """``torch.save(obj)`` to ``path`` atomically (see the module docstring).
 
@@ -123,12 +131,12 @@ def atomic_save(obj: Any, path: str, what: str = "checkpoint") -> None:
     """
     import torch
 
-    _replace_atomically(path, lambda fh: torch.save(obj, fh), what)
+    _replace_atomically(path, _written_by(lambda fh: torch.save(obj, fh)), what)
 
 
 def atomic_write_text(text: str, path: str, what: str = "file") -> None:
     """Writes ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_save`."""
-    _replace_atomically(path, lambda fh: fh.write(text.encode("utf-8")), what)
+    _replace_atomically(path, _written_by(lambda fh: fh.write(text.encode("utf-8"))), what)
 
 
 def remove_stale_temporaries(folder: str) -> List[str]:
@@ -260,24 +268,16 @@ def snapshot(checkpoint: str, epoch_index: int, keep: int) -> str:
         raise ValueError(f"snapshot: keep must be >= 1, got {keep}")
     folder = os.path.dirname(checkpoint)
     path = os.path.join(folder, snapshot_name(epoch_index))
-    tmp = _tmp_name(path)
-    try:
+
+    def link_or_copy(tmp: str) -> None:
         try:
             os.link(checkpoint, tmp)
         except OSError:  # no hard links here: copy
             shutil.copyfile(checkpoint, tmp)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise _write_error(path, e, "snapshot") from e
-        raise
-    _fsync_dir(folder)
+
+    _replace_atomically(path, link_or_copy, "snapshot")
     for _, old in list_snapshots(folder)[:-keep]:
         try:
             os.unlink(old)

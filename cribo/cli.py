@@ -45,6 +45,8 @@ import sys
 import traceback
 from typing import Any, List, NoReturn, Optional, Sequence, Tuple
 
+from ._paths import check_writable_folder
+
 __all__ = ["main", "MissingDependency"]
 
 USAGE_ERROR, RUN_FAILED, INTERRUPTED = 2, 1, 130
@@ -134,14 +136,7 @@ def _check_output_dir(path: str, label: str) -> None:
     """The run can create ``path`` (or write into it)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{label}: {path} is a file, not a folder")
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise NotADirectoryError(f"{label}: cannot create {path}: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{label}: cannot write {path} (no write permission in "
-                              f"{parent})")
+    check_writable_folder(path, label, path)
 
 
 def _check_device(device: str, label: str) -> None:

@@ -113,7 +113,7 @@ def test_pretrain_checks_data_output_and_device_before_work(tmp_path, capsys):
         (["--data", str(tmp_path / "nope")], f"cribo: error: --data: no folder "
                                              f"{tmp_path / 'nope'}"),
         (["--output-dir", __file__], f"cribo: error: --output-dir: {__file__} is a file"),
-        (["--output-dir", __file__ + "/sub"], "cribo: error: --output-dir: cannot create"),
+        (["--output-dir", __file__ + "/sub"], "cribo: error: --output-dir: cannot write"),
         (["--device", "cuda:99"], "cribo: error: --device cuda:99: "),
     ]
     for extra, start in cases:
@@ -121,6 +121,20 @@ def test_pretrain_checks_data_output_and_device_before_work(tmp_path, capsys):
         assert main(argv) == 2, extra
         assert one_line(capsys.readouterr().err).startswith(start), extra
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_pretrain_refuses_an_output_folder_it_cannot_write(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):  # root ignores permissions: the refusal is injected
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    argv = ["pretrain", *TINY, "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2
+    assert one_line(capsys.readouterr().err).startswith(
+        f"cribo: error: --output-dir: cannot write {tmp_path / 'run'} (Permission denied")
+    assert not (tmp_path / "run").exists()
 
 
 def test_ablate_checks_every_variant_before_the_first_run(tmp_path, capsys):

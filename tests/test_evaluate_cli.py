@@ -149,7 +149,7 @@ def test_outputs_and_inputs_are_checked_before_any_work(tmp_path, checkpoint, no
     with pytest.raises(ValueError, match=r"--out: .* is a folder; give a file path"):
         main(run + ["--out", str(tmp_path)])
     (tmp_path / "plain.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"--out: cannot write .*plain\.txt is a file"):
+    with pytest.raises(NotADirectoryError, match=r"--out: cannot write .*plain\.txt is a file"):
         main(run + ["--out", str(tmp_path / "plain.txt" / "sub" / "eval.json")])
     with pytest.raises(FileNotFoundError, match="--class-names: no such file"):
         main(run + ["--class-names", str(tmp_path / "missing.txt")])
@@ -165,7 +165,7 @@ def test_outputs_and_inputs_are_checked_before_any_work(tmp_path, checkpoint, no
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
-    with pytest.raises(ValueError, match=r"--out: cannot write .*eval\.json \(Permission"):
+    with pytest.raises(PermissionError, match=r"--out: cannot write .*eval\.json \(Permission"):
         main(run + ["--out", str(tmp_path / "eval.json")])
 
 

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from .._paths import check_writable_folder
+
 __all__ = ["build_parser", "main"]
 
 
@@ -181,6 +183,10 @@ def _check_output_file(path: str, option: str) -> None:
     Folders missing on the way are allowed (they are created when writing);
     the nearest existing one must be a folder in which a file can be created
     (tried with a temporary file, so it holds for root and read-only mounts).
+
+    Raises:
+        ValueError: ``path`` is a folder or not a regular file.
+        NotADirectoryError / PermissionError: it cannot be written.
     """
     full = os.path.abspath(path)
     if os.path.isdir(full):
@@ -188,18 +194,9 @@ def _check_output_file(path: str, option: str) -> None:
                          f"{os.path.join(path, 'evaluation.json')}")
     if os.path.exists(full) and not os.path.isfile(full):
         raise ValueError(f"{option}: {path} exists and is not a regular file")
-    parent = os.path.dirname(full)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{option}: cannot write {path}: {parent} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-        if os.path.exists(full) and not os.access(full, os.W_OK):
-            raise PermissionError(f"{full} is read-only")
-    except OSError as e:
-        raise ValueError(f"{option}: cannot write {path} ({e.strerror or e})") from None
+    check_writable_folder(os.path.dirname(full), option, path)
+    if os.path.exists(full) and not os.access(full, os.W_OK):
+        raise PermissionError(f"{option}: cannot write {path}: the file is read-only")
 
 
 def _write_json(path: str, obj: Any) -> None:
