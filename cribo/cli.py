@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import linecache
 import os
 import platform
 import re
@@ -238,13 +239,20 @@ _PREFIX = re.compile(r"^cribo(?: [a-z]+)?: ")
 
 
 def _raised_in_cribo(e: BaseException) -> bool:
-    """The exception comes from cribo's own code (its deepest frame is in cribo/)."""
+    """A ``raise`` statement of cribo's own code raised the exception: its deepest
+    frame is in cribo/ and that frame's line is a ``raise``.  (An exception from a
+    call that failed in cribo's code -- a wrong argument count, a NumPy method
+    given a wrong shape -- has its deepest frame in cribo/ too, on another line:
+    that is a bug, not the user's input.)"""
     tb = e.__traceback__
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_CRIBO_DIR + os.sep)
+    filename = tb.tb_frame.f_code.co_filename
+    if not os.path.abspath(filename).startswith(_CRIBO_DIR + os.sep):
+        return False
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
 
 
 def _one_line(text: str) -> str:
@@ -255,16 +263,19 @@ def _classify(e: BaseException) -> Tuple[int, str]:
     """(exit status, the line after 'cribo: error: ') of an exception.
 
     A ValueError/TypeError counts as the user's when cribo defines its class
-    (ConfigError, ResumeError, ...) or raised it (its deepest frame is in cribo/,
-    the C extension's checks included); one raised inside NumPy or torch is a bug.
+    (ConfigError, ResumeError, ...) or a ``raise`` statement of cribo's raised it;
+    one raised inside NumPy, torch or the C extension, or by a failed call in
+    cribo's own code, is a bug.
     """
     defined_in_cribo = type(e).__module__.split(".")[0] == "cribo"
     if isinstance(e, MissingDependency):
         return USAGE_ERROR, _one_line(e)
     if isinstance(e, ImportError):
-        top = (e.name or "").split(".")[0]
-        if top in _PACKAGES:  # an optional package found missing after the checks
-            dist, install = _PACKAGES[top]
+        # An optional package found missing after the checks.  Only the package
+        # itself missing: a broken install (torch._C absent, a circular import)
+        # keeps its own message below.
+        if isinstance(e, ModuleNotFoundError) and e.name in _PACKAGES:
+            dist, install = _PACKAGES[e.name]
             return USAGE_ERROR, f"{dist} is not installed: {install}"
         if "pip install" in str(e) and _raised_in_cribo(e):  # cribo's own message
             return USAGE_ERROR, _one_line(e)

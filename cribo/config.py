@@ -110,7 +110,8 @@ class TrainConfig:
                                  "checkpoint.pth, the newest N; 0 keeps only the latest", low=0)
     dist_timeout: float = _opt(600.0, "seconds a process waits for the others in a "
                                "collective before stopping with the rank that stopped "
-                               "answering (distributed runs)", low=0, low_open=True, high=1e7)
+                               "answering (distributed runs); it must also cover rank 0 "
+                               "writing a checkpoint, which the others wait for", low=0, low_open=True, high=1e7)
     amp: bool = _opt(False, "mixed precision (bfloat16 autocast) for the networks")
     log_every: int = _opt(10, "iterations between JSON-lines log records", low=1)
     save_every: int = _opt(1, "epochs between checkpoints (one is always written at the end)",

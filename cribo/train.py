@@ -408,7 +408,8 @@ class _Heartbeat:
         """
         store_gone = None if self.rank == 0 else (
             "rank 0 stopped answering: the store it hosts for the processes does not "
-            "respond (frozen, killed, or its machine unreachable)")
+            "respond (frozen, killed, stopped by an error of its own -- see its output -- or "
+            "its machine unreachable)")
         seen, deadline = self.beats, time.time() + 3.0
         while self.beats == seen and not self.failed and time.time() < deadline:
             time.sleep(self.interval / 5)
@@ -437,7 +438,8 @@ class _Heartbeat:
             ranks = ", ".join(str(r) for r in stopped)
             return (f"rank{'s' if len(stopped) > 1 else ''} {ranks} stopped answering (last "
                     f"seen at iteration {seen}): no heartbeat for {3 * self.interval:.2g} s "
-                    f"(frozen, killed, or its machine unreachable)")
+                    f"(frozen, killed, stopped by an error of its own -- see its output -- or "
+                    f"its machine unreachable)")
         behind = [r for r in second if r != self.rank and second[r][1] < self.iteration]
         if behind:
             who = ", ".join(f"rank {r} (at iteration {second[r][1]})" for r in behind)
@@ -803,6 +805,11 @@ def _train(cfg: TrainConfig, on_epoch_end: Any, device: torch.device, distribute
         if main:
             print(f"{cfg.output_dir} holds a complete run ({cfg.epochs} epochs): nothing to "
                   f"train")
+        if stop.requested:  # Ctrl-C while setting up: stop before what follows training
+            raise TrainingInterrupted(
+                f"interrupted (SIGINT) before the evaluation; {cfg.output_dir} holds a "
+                f"complete run", run.checkpoint,
+                start_epoch, 0, n_iter)
         return _summary(run, [], start_epoch, already_complete=True)
 
     # ============ logging ============
@@ -998,11 +1005,11 @@ def _read_checkpoint(path: str) -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- any unreadable file
-        first = (str(e).strip().splitlines() or [""])[0]
-        if "weights only" in first.lower() or "weights_only" in first:
-            first = "it holds objects a cribo checkpoint does not"
-        raise CheckpointError(f"cannot read the checkpoint {path} ({type(e).__name__}: "
-                              f"{first}); {advice}") from e
+        from .models import _unreadable_checkpoint
+
+        # Said in cribo's words, and without torch's own (which advises unsafe loading).
+        raise CheckpointError(f"{_unreadable_checkpoint(path, e, 'cribo pretrain')}; "
+                              f"{advice}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a training checkpoint; {advice}")
     for key in ("student", "teacher", "optimizer", "objective", "epoch", "rng"):
@@ -1081,9 +1088,11 @@ def _save(cfg: TrainConfig, run: _Run, student: nn.Module, teacher: nn.Module,
         "train_seconds": run.seconds_before + time.time() - run.t_start,
         "config": cfg.to_dict(), "rng": _rng_state(), "cribo": cribo.__version__,
     })
+    exported = False
     try:
         atomic_save(_teacher_backbone_state(state["teacher"]), run.teacher_file,
                     "the teacher backbone")
+        exported = True
         atomic_save(state, run.checkpoint, "the checkpoint")
         run.saved = (epoch, step)
         if step == 0 and cfg.keep_checkpoints > 0:
@@ -1097,6 +1106,10 @@ def _save(cfg: TrainConfig, run: _Run, student: nn.Module, teacher: nn.Module,
                      f"again to continue from it")
         else:
             after = "No checkpoint was written yet"
+        if exported and run.saved != (epoch, step):
+            after += (f". {run.teacher_file} already holds the teacher {run.where(epoch, step)}, "
+                      f"ahead of the checkpoint; continuing the run rewrites it from the "
+                      f"checkpoint")
         raise OutputWriteError(f"{e}. {after}") from e
 
 

@@ -177,6 +177,26 @@ def cribo_value_error(seed, n_clusters):
     cribo.cluster(tok, np.zeros((1, 2, 4, 2), np.float32), 99)  # K > 2N: cribo refuses
 
 
+def kernel_taking_nothing():
+    pass
+
+
+def cribo_calls_badly(kernel):
+    """A failed call inside cribo's own code (not a ``raise`` of cribo's): ``kernel``
+    replaces the C clustering, so cribo.cluster's call of it fails there."""
+    def run(seed, n_clusters):
+        import types
+
+        real = cribo.clustering._C
+        cribo.clustering._C = types.SimpleNamespace(cluster=kernel)
+        try:
+            cribo.cluster(np.zeros((1, 2, 4, 3), np.float32), np.zeros((1, 2, 4, 2), np.float32),
+                          2)
+        finally:
+            cribo.clustering._C = real
+    return run
+
+
 def non_finite(seed, n_clusters):
     pytest.importorskip("torch")
     from cribo.train import NonFiniteLoss
@@ -212,9 +232,18 @@ def non_finite(seed, n_clusters):
                                                 name="cribo._C")), 1,
      "cribo: error: unexpected ModuleNotFoundError: No module named 'cribo._C' (a bug in "
      "cribo? run with --debug for the traceback)"),
+    (lambda **kw: cribo_calls_badly(kernel_taking_nothing)(**kw), 1,
+     "cribo: error: unexpected TypeError: kernel_taking_nothing() takes 0 positional "
+     "arguments but 9 were given (a bug in cribo? run with --debug for the traceback)"),
+    (lambda **kw: cribo_calls_badly(divmod)(**kw), 1,  # a C function fails in cribo's line
+     "cribo: error: unexpected TypeError: divmod expected 2 arguments, got 9 (a bug in "
+     "cribo? run with --debug for the traceback)"),
+    (lambda **_: raise_here(ImportError("torch._C is missing", name="torch._C")), 1,
+     "cribo: error: unexpected ImportError: torch._C is missing (a bug in cribo? run with "
+     "--debug for the traceback)"),
 ], ids=["bug", "foreign-ValueError", "cribo-ValueError", "disk-full", "permission",
         "missing-file", "non-finite-loss", "ctrl-c", "sys.exit-message", "missing-extra",
-        "broken-install"])
+        "broken-install", "cribo-wrong-arity", "numpy-fails-in-cribo", "broken-torch"])
 def test_each_kind_of_error_is_one_line_with_its_status(run, status, line, monkeypatch,
                                                          capsys):
     monkeypatch.setattr(cribo.demo, "run", run)

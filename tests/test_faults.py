@@ -13,7 +13,6 @@ import os
 import random
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_train import TINY  # noqa: E402
+from test_train import TINY, _free_port  # noqa: E402
 
 import cribo.train as train_mod  # noqa: E402
 from cribo.checkpoint import (FolderLocked, OutputWriteError, atomic_save,  # noqa: E402
@@ -178,6 +177,22 @@ def test_a_checkpoint_with_non_finite_values_is_not_continued(tmp_path):
         train(cfg)
 
 
+def test_an_unreadable_checkpoint_is_explained_in_cribo_words(tmp_path):
+    out = tmp_path / "run"
+    cfg = cfg_of(TINY + ["--n-images", "16", "--batch-size", "8", "--epochs", "1",
+                         "--no-evaluate"], out)
+    train(cfg)
+    full = (out / "checkpoint.pth").read_bytes()
+    for content, says in ((b"", "the file is empty"), (full[:200], "it is truncated")):
+        (out / "checkpoint.pth").write_bytes(content)
+        with pytest.raises(train_mod.CheckpointError) as e:
+            train(cfg)
+        msg = str(e.value)
+        assert f"cannot read the checkpoint '{out / 'checkpoint.pth'}'" in msg and says in msg
+        assert "--no-resume" in msg and "weights_only" not in msg
+        assert e.value.__cause__ is None and e.value.__suppress_context__  # torch's advice hidden
+
+
 # =============================================================================
 # the checkpoint is the commit point
 # =============================================================================
@@ -216,7 +231,8 @@ def test_a_stale_or_missing_teacher_export_is_rewritten_from_the_checkpoint(tmp_
 
 
 def test_a_kill_between_the_two_writes_leaves_the_previous_checkpoint_in_charge(tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch,
+                                                                               capsys):
     """The export is written first, the checkpoint last: a death in between leaves
     the epoch-1 checkpoint, and continuing re-exports it and redoes epoch 2."""
     out = tmp_path / "run"
@@ -240,8 +256,14 @@ def test_a_kill_between_the_two_writes_leaves_the_previous_checkpoint_in_charge(
     assert order == ["teacher_backbone.pth", "checkpoint.pth"] * 2
     ck = load(out / "checkpoint.pth")
     assert ck["epoch"] == 1
+    stale = load(out / "teacher_backbone.pth")  # epoch 2's teacher, ahead of the checkpoint
+    assert not all(torch.equal(stale[k], v) for k, v in
+                   train_mod._teacher_backbone_state(ck["teacher"]).items())
     monkeypatch.setattr(train_mod, "atomic_save", original)
+    capsys.readouterr()
     summary = train(cfg)
+    # The export is put back in step with the checkpoint before training goes on.
+    assert f"re-exported {out / 'teacher_backbone.pth'}" in capsys.readouterr().out
     assert summary["start_epoch"] == 1 and len(summary["history"]) == 1
     ck = load(out / "checkpoint.pth")
     export = load(out / "teacher_backbone.pth")
@@ -252,12 +274,6 @@ def test_a_kill_between_the_two_writes_leaves_the_previous_checkpoint_in_charge(
 # =============================================================================
 # distributed runs: a frozen process, a killed one
 # =============================================================================
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _default_sigint():
     """In a child: SIGINT as a terminal delivers it, even under a runner that
@@ -503,6 +519,9 @@ def test_a_full_disk_mid_run_stops_cleanly_and_the_run_continues_exactly(tmp_pat
     assert "the previous checkpoint.pth is intact" in msg
     assert f"The last checkpoint, {out / 'checkpoint.pth'}, holds the state after epoch 1 " \
            f"of 3: once there is room, run the same command again" in msg
+    # The export was written before the checkpoint failed: the message says it is ahead.
+    assert f"{out / 'teacher_backbone.pth'} already holds the teacher after epoch 2 of 3, " \
+           f"ahead of the checkpoint" in msg
     assert temporaries(out) == []
     assert load(out / "checkpoint.pth")["epoch"] == 1
     # A kill mid-write leaves a temporary file (a dead writer's): removed at start.
@@ -581,6 +600,28 @@ def test_sigint_stops_after_the_step_and_the_run_continues_exactly(tmp_path, mon
     # The epoch records too: the interrupted epoch's mean covers all its steps.
     epochs = [json.loads(x) for x in open(out / "log.jsonl") if '"type": "epoch"' in x]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
+
+
+def test_sigint_while_a_complete_run_sets_up_skips_the_evaluation(tmp_path, monkeypatch,
+                                                                   capsys):
+    out = tmp_path / "run"
+    argv = TINY + ["--n-images", "16", "--batch-size", "8", "--epochs", "1", "--no-evaluate",
+                   "--output-dir", str(out)]
+    assert main(argv) == 0
+    reported = []
+    monkeypatch.setattr(train_mod, "_report", lambda *a: reported.append(a))
+    original = train_mod._repair_exports
+
+    def ctrl_c_while_setting_up(*a):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(*a)
+
+    monkeypatch.setattr(train_mod, "_repair_exports", ctrl_c_while_setting_up)
+    capsys.readouterr()
+    assert main(argv[:-3] + ["--evaluate", "--output-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"cribo: interrupted (SIGINT) before the evaluation; {out} holds a complete run" in err
+    assert reported == []
 
 
 def test_an_epoch_resumes_at_its_batch_and_data_workers_leave_sigint_to_the_run():

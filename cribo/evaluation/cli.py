@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .._paths import check_writable_folder
@@ -201,20 +200,10 @@ def _check_output_file(path: str, option: str) -> None:
 
 def _write_json(path: str, obj: Any) -> None:
     """Writes ``obj`` to ``path`` whole or not at all (temporary file, then rename)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from ..checkpoint import atomic_write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(json.dumps(obj, indent=2), path, "the results")
 
 
 def _load(option: str, path: str, a: argparse.Namespace) -> Any:
