@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("extra", nargs="*", help="further `cribo pretrain` flags (after --)")
     args = p.parse_args(argv)
 
-    from cribo.config import config_from_args
-    from cribo.train import train
+    from cribo.train.config import config_from_args
+    from cribo.train.loop import train
 
     out_dir = tempfile.mkdtemp(prefix="cribo-profile-")
     probe = config_from_args(["--preset", args.preset] + args.extra)

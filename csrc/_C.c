@@ -1,11 +1,11 @@
 /* _C.c -- the only file of cribo that knows Python and NumPy.
  *
- * Every function: parse (keywords named as in cribo/ops.py), validate every array
+ * Every function: parse (keywords named as in cribo/ops/__init__.py), validate every array
  * (dtype, byte order, ndim, contiguity, shapes against each other, dimensions <=
  * INT_MAX, index ranges, finiteness), allocate outputs and workspace, release the
  * GIL around the kernel, map its status to an exception.  Arrays must be native,
  * aligned, C-contiguous float32 / int64: nothing is cast or copied here (the
- * conversions users may rely on happen visibly in cribo/ops.py).
+ * conversions users may rely on happen visibly in cribo/ops/__init__.py).
  * Messages read "fn: arg must be ..., got ...". */
 #define PY_SSIZE_T_CLEAN
 #define NPY_NO_DEPRECATED_API NPY_1_21_API_VERSION

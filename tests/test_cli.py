@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import cribo
-import cribo.demo
+import cribo.cli.demo
 from cribo import cli
 from cribo.cli import main
 
@@ -65,7 +65,7 @@ def test_debug_before_or_after_the_command_adds_the_traceback(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last):")
-    assert "cribo.config.ConfigError: --lr must be a finite number > 0, got nan" in err
+    assert "cribo.train.config.ConfigError: --lr must be a finite number > 0, got nan" in err
     assert err.splitlines()[-1] == "cribo: error: --lr must be a finite number > 0, got nan"
 
 
@@ -187,19 +187,19 @@ def cribo_calls_badly(kernel):
     def run(seed, n_clusters):
         import types
 
-        real = cribo.clustering._C
-        cribo.clustering._C = types.SimpleNamespace(cluster=kernel)
+        real = cribo.ops.clustering._C
+        cribo.ops.clustering._C = types.SimpleNamespace(cluster=kernel)
         try:
             cribo.cluster(np.zeros((1, 2, 4, 3), np.float32), np.zeros((1, 2, 4, 2), np.float32),
                           2)
         finally:
-            cribo.clustering._C = real
+            cribo.ops.clustering._C = real
     return run
 
 
 def non_finite(seed, n_clusters):
     pytest.importorskip("torch")
-    from cribo.train import NonFiniteLoss
+    from cribo.train.loop import NonFiniteLoss
 
     raise NonFiniteLoss("the loss is nan at epoch 2, iteration 40; stopping")
 
@@ -246,7 +246,7 @@ def non_finite(seed, n_clusters):
         "broken-install", "cribo-wrong-arity", "numpy-fails-in-cribo", "broken-torch"])
 def test_each_kind_of_error_is_one_line_with_its_status(run, status, line, monkeypatch,
                                                          capsys):
-    monkeypatch.setattr(cribo.demo, "run", run)
+    monkeypatch.setattr(cribo.cli.demo, "run", run)
     assert main(["demo"]) == status
     assert one_line(capsys.readouterr().err) == line
     assert main(["--debug", "demo"]) == status
@@ -255,7 +255,7 @@ def test_each_kind_of_error_is_one_line_with_its_status(run, status, line, monke
 
 
 def test_exit_codes_pass_through(monkeypatch, capsys):
-    monkeypatch.setattr(cribo.demo, "run", lambda **_: raise_here(SystemExit(3)))
+    monkeypatch.setattr(cribo.cli.demo, "run", lambda **_: raise_here(SystemExit(3)))
     assert main(["demo"]) == 3
     assert capsys.readouterr().err == ""
 

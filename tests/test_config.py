@@ -3,7 +3,7 @@ its value is read (flags, TOML/JSON/YAML files, presets, overrides), with the
 option named as the user wrote it; then the checks across options.
 
 The bad values below are written by hand from what each option means and from
-the limits of the C kernels that receive them (csrc/_C.c, cribo/losses.py);
+the limits of the C kernels that receive them (csrc/_C.c, cribo/ops/losses.py);
 ``test_every_option_has_bad_values`` keeps the table complete when an option
 is added."""
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import cribo
-from cribo import config as C
-from cribo.config import (PRESETS, ConfigError, TrainConfig, check_config, check_option,
+from cribo.train import config as C
+from cribo.train.config import (PRESETS, ConfigError, TrainConfig, check_config, check_option,
                           config_from_args, load_config_file)
 
 NAN, INF = float("nan"), float("inf")

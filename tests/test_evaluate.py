@@ -13,9 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cribo.data import IMAGENET_MEAN, IMAGENET_STD, SyntheticScenes  # noqa: E402
-from cribo.evaluate import (build_parser, confusion_matrix, dense_evaluation,  # noqa: E402
+from cribo.cli.evaluate import build_parser, main  # noqa: E402
+from cribo.evaluation import (confusion_matrix, dense_evaluation,  # noqa: E402
                             eval_size, evaluate_retrieval, knn_vote, linear_probe,
-                            load_backbone, main, paired_bootstrap, patch_histograms,
+                            load_backbone, paired_bootstrap, patch_histograms,
                             random_init_like, sample_patches, scores_from_confusion,
                             train_linear_probe, train_view)
 
@@ -284,8 +285,8 @@ def test_cli_help_lists_every_option_and_unknown_options_fail(capsys):
 
 
 def test_evaluate_a_checkpoint_from_a_tiny_training_run(tmp_path, capsys):
-    from cribo.config import config_from_args
-    from cribo.train import train
+    from cribo.train.config import config_from_args
+    from cribo.train.loop import train
 
     from test_train import TINY
 
@@ -318,8 +319,8 @@ def test_evaluate_a_checkpoint_from_a_tiny_training_run(tmp_path, capsys):
 
 
 def test_random_init_like_with_the_run_seed_is_the_runs_starting_point(tmp_path):
-    from cribo.config import config_from_args
-    from cribo.train import build_models
+    from cribo.train.config import config_from_args
+    from cribo.train.loop import build_models
 
     from test_train import TINY
 

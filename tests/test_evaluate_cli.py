@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from cribo import models  # noqa: E402
-from cribo.evaluate import load_backbone, main  # noqa: E402
+from cribo.cli.evaluate import main  # noqa: E402
+from cribo.evaluation import load_backbone  # noqa: E402
 
 FAST = ["--k", "3", "--n-train", "0", "--n-val", "0", "--probe-epochs", "1",
         "--augment-passes", "1", "--bootstrap", "20", "--no-progress", "--threads", "1"]

@@ -24,12 +24,14 @@ torch = pytest.importorskip("torch")
 
 from test_train import TINY, _free_port  # noqa: E402
 
-import cribo.train as train_mod  # noqa: E402
-from cribo.checkpoint import (FolderLocked, OutputWriteError, atomic_save,  # noqa: E402
-                              lock_folder, remove_stale_temporaries, snapshot)
-from cribo.config import config_from_args  # noqa: E402
-from cribo.train import (RUN_CONTROL, NonFiniteLoss, ResumeError,  # noqa: E402
-                         config_differences, main, train)
+import cribo.train.loop as train_mod  # noqa: E402
+from cribo.train.checkpoints import (FolderLocked, OutputWriteError, atomic_save,  # noqa: E402
+                                     lock_folder, remove_stale_temporaries, snapshot)
+from cribo.train.config import config_from_args  # noqa: E402
+from cribo.train.loop import (RUN_CONTROL, NonFiniteLoss, ResumeError,  # noqa: E402
+                              config_differences, train)
+import cribo.cli.pretrain as pretrain_cmd  # noqa: E402
+from cribo.cli.pretrain import main  # noqa: E402
 
 # 3 steps of 8 images per epoch, 3 epochs: long enough to stop mid-epoch.
 SMALL = TINY + ["--n-images", "24", "--batch-size", "8", "--epochs", "3", "--no-evaluate"]
@@ -425,7 +427,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_holder_does_not_b
         tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from cribo.checkpoint import lock_folder\n"
+        [sys.executable, "-c", "import sys, time; from cribo.train.checkpoints import lock_folder\n"
          f"with lock_folder({str(out)!r}):\n    print('locked', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -459,12 +461,12 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
         with lock_folder(str(tmp_path)):
             pass
         probe = subprocess.run(
-            [sys.executable, "-c", "from cribo.checkpoint import lock_folder\n"
+            [sys.executable, "-c", "from cribo.train.checkpoints import lock_folder\n"
              f"with lock_folder({str(tmp_path)!r}): pass"], capture_output=True, text=True)
         assert probe.returncode == 1 and "FolderLocked" in probe.stderr
         assert f"pid {os.getpid()}" in probe.stderr
     probe = subprocess.run(
-        [sys.executable, "-c", "from cribo.checkpoint import lock_folder\n"
+        [sys.executable, "-c", "from cribo.train.checkpoints import lock_folder\n"
          f"with lock_folder({str(tmp_path)!r}): pass"], capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr
 
@@ -563,7 +565,7 @@ def test_sigint_stops_after_the_step_and_the_run_continues_exactly(tmp_path, mon
     of it is written, one line says where it stopped and the command that
     continues, exit status 130; that command ends bit-identical to the
     uninterrupted run."""
-    from cribo.objective import CriboObjective
+    from cribo.nn.objective import CriboObjective
 
     original = CriboObjective.forward
     calls = {"n": 0}
@@ -609,7 +611,7 @@ def test_sigint_while_a_complete_run_sets_up_skips_the_evaluation(tmp_path, monk
                    "--output-dir", str(out)]
     assert main(argv) == 0
     reported = []
-    monkeypatch.setattr(train_mod, "_report", lambda *a: reported.append(a))
+    monkeypatch.setattr(pretrain_cmd, "_report", lambda *a: reported.append(a))
     original = train_mod._repair_exports
 
     def ctrl_c_while_setting_up(*a):
@@ -758,7 +760,7 @@ def test_a_requeued_job_continues_and_resume_is_tri_state(tmp_path, monkeypatch,
     summary = train(cfg_of(args, out))
     assert summary["start_epoch"] == 1 and len(summary["history"]) == 1
     # A finished run re-invoked trains nothing and says so; main() then evaluates.
-    import cribo.pipeline
+    import cribo.evaluation.job
 
     def no_training(*a, **k):
         raise AssertionError("a complete run trained again")
@@ -772,7 +774,7 @@ def test_a_requeued_job_continues_and_resume_is_tri_state(tmp_path, monkeypatch,
                 "report_dir": str(out / "report")}
 
     monkeypatch.setattr(train_mod, "train_one_epoch", no_training)
-    monkeypatch.setattr(cribo.pipeline, "evaluate_and_report", fake_report)
+    monkeypatch.setattr(cribo.evaluation.job, "evaluate_and_report", fake_report)
     capsys.readouterr()
     assert main([a for a in args if a != "--no-evaluate"] + ["--output-dir", str(out)]) == 0
     stdout = capsys.readouterr().out
@@ -796,7 +798,7 @@ def test_an_ablation_continues_a_stopped_variant_and_evaluates_a_finished_one(tm
     """cribo ablate calls train() per (variant, seed) and counts eval.json as done: a
     variant stopped mid-training continues, and one trained but not yet evaluated
     is evaluated without training again."""
-    from cribo.ablate import run_ablation
+    from cribo.evaluation.ablate import run_ablation
 
     common = TINY + ["--epochs", "2", "--batch-size", "16", "--eval-train-images", "6",
                      "--eval-val-images", "4", "--eval-k", "5"]

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 import cribo  # noqa: E402
-from cribo.objective import CriboObjective, image_seeds, student_logits  # noqa: E402
+from cribo.nn.objective import CriboObjective, image_seeds, student_logits  # noqa: E402
 
 B, N, D, L, K, P = 4, 9, 12, 24, 4, 5
 

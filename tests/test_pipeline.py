@@ -12,8 +12,8 @@ pytest.importorskip("matplotlib")
 
 from test_train import TINY  # noqa: E402
 
-from cribo.ablate import run_ablation  # noqa: E402
-from cribo.train import main  # noqa: E402
+from cribo.evaluation.ablate import run_ablation  # noqa: E402
+from cribo.cli.pretrain import main  # noqa: E402
 
 
 def test_pretrain_writes_a_report_with_floor_and_intervals(tmp_path, capsys):
@@ -58,7 +58,7 @@ def test_ablate_rejects_unknown_variants(tmp_path):
 
 
 def test_ablation_table_pairs_seeds_and_resumes_without_retraining(tmp_path, monkeypatch):
-    import cribo.train
+    import cribo.train.loop
 
     common = TINY + ["--epochs", "1", "--batch-size", "16", "--eval-train-images", "6",
                      "--eval-val-images", "4", "--eval-k", "5"]
@@ -84,11 +84,11 @@ def test_ablation_table_pairs_seeds_and_resumes_without_retraining(tmp_path, mon
     def no_training(cfg):
         raise AssertionError("a finished (variant, seed) was trained again")
 
-    monkeypatch.setattr(cribo.train, "train", no_training)
+    monkeypatch.setattr(cribo.train.loop, "train", no_training)
     again = run_ablation(["full", "global_only"], [0, 1], str(tmp_path), common)
     assert again == json.loads(json.dumps(table))
     # --table-only combines what is there and trains nothing (K8 never ran).
-    from cribo.ablate import main as ablate_main
+    from cribo.cli.ablate import main as ablate_main
 
     assert ablate_main(["--variants", "full,K8", "--seeds", "0", "1", "2", "--table-only",
                         "--output-dir", str(tmp_path)]) == 0
@@ -99,7 +99,7 @@ def test_ablation_table_pairs_seeds_and_resumes_without_retraining(tmp_path, mon
 
 
 def test_ablation_table_counts_seeds_and_shows_no_spread_for_one(tmp_path):
-    from cribo.ablate import _summarise, _write
+    from cribo.evaluation.ablate import _summarise, _write
 
     m = {"retrieval_miou": 0.25, "retrieval_fg_iou": 0.4, "probe_miou": 0.1, "probe_fg_iou": 0.02}
     m2 = {k: v + 0.01 for k, v in m.items()}

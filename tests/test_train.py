@@ -13,8 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cribo.config import config_from_args  # noqa: E402
-from cribo.train import NonFiniteLoss, train  # noqa: E402
+from cribo.train.config import config_from_args  # noqa: E402
+from cribo.train.loop import NonFiniteLoss, train  # noqa: E402
 
 TINY = ["--n-images", "48", "--scene-size", "48", "--img-size", "32", "--patch-size", "8",
         "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--out-dim", "64",
@@ -54,7 +54,7 @@ def test_short_run_writes_checkpoints_logs_and_learns_something(tmp_path):
         assert key in ck
     assert ck["epoch"] == 2 and ck["iteration"] == 12
     # The teacher backbone loads through cribo.models like a published checkpoint.
-    from cribo.models import load_pretrained
+    from cribo.nn import load_pretrained
 
     model, report = load_pretrained(str(d / "teacher_backbone.pth"), num_heads=2)
     assert not report.missing and not report.unexpected
@@ -114,8 +114,8 @@ def _adam_step_bounds(steps: int, beta1: float = 0.9, beta2: float = 0.999) -> n
 
 
 def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path):
-    from cribo.schedules import cosine_schedule
-    from cribo.train import build_models
+    from cribo.train.schedules import cosine_schedule
+    from cribo.train.loop import build_models
 
     common = ["--epochs", "2", "--drop-path", "0", "--n-images", "32", "--no-evaluate"]
     one = cfg_for(tmp_path, *common, "--batch-size", "8", name="one")
@@ -168,7 +168,7 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path, "--epochs", "2", "--batch-size", "8")
-    from cribo import objective as objective_mod
+    from cribo.nn import objective as objective_mod
 
     original = objective_mod.CriboObjective.forward
     calls = {"n": 0}
@@ -210,14 +210,14 @@ def test_help_documents_every_option():
     assert out.returncode == 0
     from dataclasses import fields
 
-    from cribo.config import TrainConfig
+    from cribo.train.config import TrainConfig
 
     for f in fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in out.stdout, f.name
 
 
 def test_view_augmentations_follow_the_options_and_blur_scales_with_the_view():
-    from cribo.train import build_data
+    from cribo.train.loop import build_data
 
     cfg = config_from_args(["--img-size", "112", "--color-jitter", "0.1", "0.2", "0.3", "0.5",
                             "--grayscale-p", "0.7", "--blur-sigma", "0.2", "1.0",
@@ -231,7 +231,7 @@ def test_view_augmentations_follow_the_options_and_blur_scales_with_the_view():
 
 
 def test_frozen_patch_embedding_and_object_temperature(tmp_path):
-    from cribo.train import build_models
+    from cribo.train.loop import build_models
 
     cfg = cfg_for(tmp_path, "--epochs", "2", "--batch-size", "8", "--freeze-patch-embed",
                   "--warmup-teacher-temp-objects", "0.05", "--teacher-temp-objects", "0.09",

@@ -1,4 +1,4 @@
-"""cribo.viz pictures and cribo.report: each plot writes a PNG of the expected
+"""cribo.viz pictures and cribo.viz.report: each plot writes a PNG of the expected
 size; cluster colours agree across views; ignore pixels are black; queue
 addresses map back to the right image and cluster; the report links its
 pictures by relative path."""
@@ -18,7 +18,7 @@ Image = pytest.importorskip("PIL.Image")
 
 import cribo  # noqa: E402
 from cribo import viz  # noqa: E402
-from cribo.report import metric_rows, write_report  # noqa: E402
+from cribo.viz.report import metric_rows, write_report  # noqa: E402
 
 
 def read_png(path):
@@ -38,7 +38,7 @@ def pixel(png, ax, x, y):
 
 
 def test_import_does_not_import_matplotlib():
-    code = "import sys, cribo.viz, cribo.report; assert 'matplotlib' not in sys.modules"
+    code = "import sys, cribo.viz, cribo.viz.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -301,8 +301,8 @@ def test_write_report_md_html_json_with_relative_links(tmp_path):
 
 def test_plot_curves_on_the_log_of_a_real_training_run(tmp_path):
     pytest.importorskip("torch")
-    from cribo.config import config_from_args
-    from cribo.train import train
+    from cribo.train.config import config_from_args
+    from cribo.train.loop import train
     from test_train import TINY
 
     train(config_from_args(TINY + ["--output-dir", str(tmp_path), "--epochs", "1",

@@ -9,7 +9,8 @@ module                             holds
                                    patch labels, bank sampling, :class:`Bank`
 ``cribo.evaluation.dense``         :func:`evaluate_retrieval` (dense NN
                                    retrieval), :func:`linear_probe`
-``cribo.evaluation.cli``           ``cribo evaluate``
+``cribo.evaluation.job``           the main job's evaluation and report
+``cribo.evaluation.ablate``        :func:`run_ablation` (``cribo ablate``)
 =================================  ============================================
 
 >>> from cribo.evaluation import (evaluate_retrieval, linear_probe, load_backbone,

@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from ..bootstrap import topk_cosine
+from ..ops.queue import topk_cosine
 from .features import (Bank, _bar, build_bank, class_names_of, encode, eval_size,
                        patch_size_of, resize_image)
 from .metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix

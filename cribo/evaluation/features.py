@@ -92,7 +92,7 @@ def load_backbone(path: str, *, key: str = "teacher", num_heads: Optional[int] =
             corrupt, text, unknown format, or holding Python objects other
             than tensors); the message names the file and says which.
     """
-    from .. import models
+    from .. import nn as models
 
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -104,7 +104,7 @@ def load_backbone(path: str, *, key: str = "teacher", num_heads: Optional[int] =
     # Unreadable files (missing, empty, truncated, text, corrupt, foreign
     # objects) raise FileNotFoundError / ValueError naming the file; nothing
     # suggests loading it unsafely.
-    obj = models._read_checkpoint(path, who="load_backbone")
+    obj = models.read_checkpoint(path, who="load_backbone")
     cfg = obj.get("config") if isinstance(obj, Mapping) else None
     if not isinstance(cfg, Mapping):
         cfg = _config_beside(path)
@@ -135,7 +135,7 @@ def random_init_like(model_or_config: Any, seed: int = 0):
     """
     import torch
 
-    from .. import models
+    from .. import nn as models
 
     if isinstance(model_or_config, Mapping):
         cfg = dict(model_or_config)

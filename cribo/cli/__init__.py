@@ -46,7 +46,7 @@ import sys
 import traceback
 from typing import Any, List, NoReturn, Optional, Sequence, Tuple
 
-from ._paths import check_writable_folder
+from .._paths import check_writable_folder
 
 __all__ = ["main", "MissingDependency"]
 
@@ -156,7 +156,7 @@ def _check_device(device: str, label: str) -> None:
 
 def _preflight_pretrain(argv: Sequence[str]) -> None:
     """Options, data, output folder, device and packages of ``cribo pretrain``."""
-    from .config import _config_and_origin
+    from ..train.config import _config_and_origin
 
     cfg, origin = _config_and_origin(list(argv))  # --help prints and exits here
 
@@ -199,8 +199,8 @@ def _preflight_ablate(argv: Sequence[str]) -> None:
         return
     _require("torch", "cribo ablate")
     _require("PIL.Image", "cribo ablate (the image pipeline)")
-    from .ablate import DEFAULT_VARIANTS, VARIANTS
-    from .config import ConfigError, _config_and_origin, check_evaluation
+    from ..evaluation.ablate import DEFAULT_VARIANTS, VARIANTS
+    from ..train.config import ConfigError, _config_and_origin, check_evaluation
 
     p = _QuietParser(add_help=False, allow_abbrev=False)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
@@ -234,7 +234,7 @@ def _preflight_ablate(argv: Sequence[str]) -> None:
 # errors: one line, and an exit status
 # =============================================================================
 
-_CRIBO_DIR = os.path.dirname(os.path.abspath(__file__))
+_CRIBO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # cribo/
 _PREFIX = re.compile(r"^cribo(?: [a-z]+)?: ")
 
 
@@ -344,7 +344,7 @@ def _run(argv: List[str]) -> int:
     command = argv[0] if argv else None
     if command == "pretrain":
         _preflight_pretrain(argv[1:])
-        from .train import main as pretrain_main
+        from .pretrain import main as pretrain_main
 
         return pretrain_main(argv[1:])
     if command == "ablate":

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from . import _C
+from .. import _C
 from ._arrays import as_float32, as_int64, check_int
 
 __all__ = ["topk_cosine", "ObjectQueue", "Match"]

@@ -1,25 +1,25 @@
 """The NumPy API of cribo's C core, in one namespace.
 
 Every function takes array-likes, converts them visibly (any float dtype to
-C-contiguous float32, any integer dtype to int64; see ``cribo._arrays``),
+C-contiguous float32, any integer dtype to int64; see ``cribo.ops._arrays``),
 validates shapes and hyper-parameters with errors that name the argument, and
 calls a C kernel with the GIL released.  Nothing here needs torch.
 
 ===============================  =====================  ===================
 docs/method.md                   Python module          C kernel
 ===============================  =====================  ===================
-§2 joint-space clustering        cribo/clustering.py    csrc/cluster.c
-§3 object pooling                cribo/pooling.py       csrc/pool.c
-§4 nearest-neighbour bootstrap   cribo/bootstrap.py     csrc/bootstrap.c
-§5 losses and centres            cribo/losses.py        csrc/loss.c
+§2 joint-space clustering        cribo/ops/clustering.py    csrc/cluster.c
+§3 object pooling                cribo/ops/pooling.py       csrc/pool.c
+§4 nearest-neighbour bootstrap   cribo/ops/queue.py     csrc/bootstrap.c
+§5 losses and centres            cribo/ops/losses.py        csrc/loss.c
 ===============================  =====================  ===================
 """
 from __future__ import annotations
 
-from .bootstrap import Match, ObjectQueue, topk_cosine
+from .queue import Match, ObjectQueue, topk_cosine
 from .clustering import Clustering, cluster, draw_init
 from .losses import CriboLosses, cribo_losses, softmax_cross_entropy, update_center
-from .parallel import get_num_threads, num_threads, set_num_threads
+from .threads import get_num_threads, num_threads, set_num_threads
 from .pooling import pool, pool_backward
 
 __all__ = [

@@ -14,11 +14,11 @@ from typing import Tuple
 
 import numpy as np
 
-from .bootstrap import ObjectQueue
-from .clustering import cluster
-from .losses import cribo_losses
-from .parallel import get_num_threads
-from .pooling import pool
+from ..ops.queue import ObjectQueue
+from ..ops.clustering import cluster
+from ..ops.losses import cribo_losses
+from ..ops.threads import get_num_threads
+from ..ops.pooling import pool
 
 PATCH = 8
 

@@ -152,7 +152,7 @@ def to_rgb(image: Any, mean: Optional[Sequence[float]] = None,
         return x.astype(np.float32) / 255.0
     x = x.astype(np.float32)
     if x.shape[0] == 3 and x.shape[2] != 3:  # (3, H, W), normalised
-        from .data.views import IMAGENET_MEAN, IMAGENET_STD
+        from ..data.views import IMAGENET_MEAN, IMAGENET_STD
 
         m = np.asarray(IMAGENET_MEAN if mean is None else mean, np.float32)
         s = np.asarray(IMAGENET_STD if std is None else std, np.float32)

@@ -11,7 +11,7 @@ import contextlib
 import os
 from typing import Iterator
 
-from . import _C
+from .. import _C
 
 
 def _default_threads() -> int:

@@ -2,15 +2,15 @@
 
 Laid out like DINO's training script: :func:`train` builds everything in banner
 sections and runs :func:`train_one_epoch` per epoch.  Everything CrIBo-specific
-lives in :mod:`cribo.objective`; this module is the orchestration: schedules, EMA
+lives in :mod:`cribo.nn.objective`; this module is the orchestration: schedules, EMA
 teacher, last-layer freeze, clipping, mixed precision, checkpoints (every
 ``save_every`` epochs and at the end, with all that is needed to continue
 exactly), JSON-lines logs, a progress bar, and ``torch.distributed`` (run the same
 command under ``torchrun --nproc_per_node=P``: gloo on CPU, nccl on GPU).
 
-Faults lose nothing (the files are written as :mod:`cribo.checkpoint` says):
+Faults lose nothing (the files are written as :mod:`cribo.train.checkpoints` says):
 
-- the run folder is locked for the run (:class:`~cribo.checkpoint.FolderLocked`
+- the run folder is locked for the run (:class:`~cribo.train.checkpoints.FolderLocked`
   for a second run into it); every file is replaced atomically, the teacher
   export first and ``checkpoint.pth`` last: the checkpoint is the commit point,
   and a run that continues or finds itself complete re-exports
@@ -23,7 +23,7 @@ Faults lose nothing (the files are written as :mod:`cribo.checkpoint` says):
   that was not interrupted (the data of step t of epoch e depends only on the
   seed, e and the image index);
 - a write that fails (a full disk) stops with
-  :class:`~cribo.checkpoint.OutputWriteError`, the previous checkpoint intact;
+  :class:`~cribo.train.checkpoints.OutputWriteError`, the previous checkpoint intact;
 - in a distributed run a process that stops answering stops the others after
   ``dist_timeout`` seconds with :class:`RankStopped`, naming it.
 
@@ -45,13 +45,11 @@ import math
 import os
 import platform
 import random
-import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -59,16 +57,16 @@ from torch import nn
 
 import cribo
 
-from .checkpoint import (FolderLocked, OutputWriteError, atomic_save, atomic_write_text,
+from .checkpoints import (FolderLocked, OutputWriteError, atomic_save, atomic_write_text,
                          list_snapshots, lock_folder, remove_stale_temporaries, snapshot,
                          snapshot_name)
-from .config import TrainConfig, config_from_args
-from .objective import CriboObjective, CriboStudent, NonFiniteError
+from .config import TrainConfig
+from ..nn.objective import CriboObjective, CriboStudent, NonFiniteError
 from .schedules import cosine_schedule, pos_weight_schedule, teacher_temp_schedule
 
 __all__ = ["train", "train_one_epoch", "build_models", "build_data", "NonFiniteLoss",
            "ResumeError", "CheckpointError", "RankStopped", "TrainingInterrupted",
-           "FolderLocked", "OutputWriteError", "RUN_CONTROL", "config_differences", "main"]
+           "FolderLocked", "OutputWriteError", "RUN_CONTROL", "config_differences"]
 
 #: Options that control how a run is carried out, not what it computes: they may
 #: differ between a checkpoint and the run that continues it (where it writes and
@@ -201,7 +199,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 def build_models(cfg: TrainConfig) -> Dict[str, nn.Module]:
     """Student and teacher (identical at start; the teacher without drop-path)."""
-    from . import models
+    from .. import nn as models
 
     if cfg.arch == "custom":
         make = lambda dp: models.vit(cfg.embed_dim, cfg.depth, cfg.num_heads,  # noqa: E731
@@ -228,7 +226,7 @@ def build_models(cfg: TrainConfig) -> Dict[str, nn.Module]:
 
 def build_data(cfg: TrainConfig):
     """The pretraining data set of two views with positions."""
-    from .data import ImageFolder, SyntheticScenes, TwoViewDataset, TwoViewTransform
+    from ..data import ImageFolder, SyntheticScenes, TwoViewDataset, TwoViewTransform
 
     if cfg.data == "synthetic":
         source = SyntheticScenes("train", n_images=cfg.n_images, size=cfg.scene_size,
@@ -736,7 +734,7 @@ def _train(cfg: TrainConfig, on_epoch_end: Any, device: torch.device, distribute
     world, main = _world(), _is_main()
 
     # ============ data ============
-    from .data import make_loader, set_epoch
+    from ..data import make_loader, set_epoch
 
     dataset = build_data(cfg)
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True,
@@ -1005,7 +1003,7 @@ def _read_checkpoint(path: str) -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- any unreadable file
-        from .models import _unreadable_checkpoint
+        from ..nn.checkpoints import _unreadable_checkpoint
 
         # Said in cribo's words, and without torch's own (which advises unsafe loading).
         raise CheckpointError(f"{_unreadable_checkpoint(path, e, 'cribo pretrain')}; "
@@ -1133,72 +1131,3 @@ def _python_rng_state() -> Dict[str, Any]:
 
 def _set_python_rng_state(s: Dict[str, Any]) -> None:
     random.setstate((s["version"], tuple(int(x) for x in s["internal"]), s["gauss"]))
-
-
-def _resume_command(argv: Sequence[str], world: int) -> str:
-    """``cribo pretrain`` with ``argv``, --resume instead of any --(no-)resume."""
-    args = [a for a in argv if a not in ("--resume", "--no-resume")] + ["--resume"]
-    cmd = shlex.join(["cribo", "pretrain", *args])
-    return cmd + (f" (launched as before, with {world} processes)" if world > 1 else "")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``cribo pretrain [options]``: see ``--help``.
-
-    Returns 0; 1 after a divergence (:class:`NonFiniteLoss`), having printed
-    ``cribo: error: <why>``; or 130 after SIGINT, having printed one line with
-    where it stopped and the command that continues.  Other errors propagate
-    (``cribo`` prints them as one line).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_args(argv)
-    # The folder's lock, through training and the evaluation after it.  A single
-    # process takes it at once; in a distributed run rank 0 takes it inside
-    # train(), once the processes have met (refused before, it would leave the
-    # others waiting for it), and again here for the evaluation.
-    single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
-    try:
-        with lock_folder(cfg.output_dir) if single else contextlib.nullcontext():
-            try:
-                summary = train(cfg)
-            except NonFiniteLoss as e:  # the line cribo's other errors get
-                print(f"cribo: error: {e}", file=sys.stderr)
-                return 1
-            except TrainingInterrupted as e:
-                if _is_main():
-                    print(f"cribo: {e}; to continue: {_resume_command(argv, _world())}",
-                          file=sys.stderr)
-                return 130
-            if _is_main():
-                with lock_folder(cfg.output_dir):  # re-entrant for a single process
-                    _report(cfg, summary)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one during the evaluation
-        if _is_main():
-            print(f"cribo: interrupted; {os.path.join(cfg.output_dir, 'checkpoint.pth')} holds "
-                  f"the last saved state; to continue: {_resume_command(argv, _world())}",
-                  file=sys.stderr)
-        return 130
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
-
-
-def _report(cfg: TrainConfig, summary: Dict[str, Any]) -> None:
-    """The end-of-run lines, then the evaluation and report (synthetic data)."""
-    h = summary["history"]
-    if h:
-        terms = ", ".join(f"{k} {h[0][k]:.3f} -> {h[-1][k]:.3f}"
-                          for k in ("global", "objects", "neighbours"))
-        print(f"done in {summary['seconds_now']:.0f} s; epoch-mean losses, first -> last: "
-              f"{terms}; checkpoint {summary['checkpoint']}")
-    if cfg.evaluate and cfg.data == "synthetic":
-        from .pipeline import evaluate_and_report
-
-        res = evaluate_and_report(cfg, summary)
-        m = res["metrics"]
-        for name in ("retrieval mIoU", "retrieval fg/bg IoU", "linear probe mIoU"):
-            e = m[name]
-            lo, hi = e["delta_ci"]
-            print(f"{name}: {100 * e['value']:.1f} (untrained {100 * e['floor']:.1f}; "
-                  f"gain 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}])")
-        print(f"report: {os.path.join(res['report_dir'], 'report.html')}")

@@ -200,7 +200,7 @@ def _check_output_file(path: str, option: str) -> None:
 
 def _write_json(path: str, obj: Any) -> None:
     """Writes ``obj`` to ``path`` whole or not at all (temporary file, then rename)."""
-    from ..checkpoint import atomic_write_text
+    from ..train.checkpoints import atomic_write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_text(json.dumps(obj, indent=2), path, "the results")
@@ -208,7 +208,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 def _load(option: str, path: str, a: argparse.Namespace) -> Any:
     """:func:`load_backbone` with the option's name in its errors."""
-    from .features import load_backbone
+    from ..evaluation.features import load_backbone
 
     try:
         return load_backbone(path, key=a.key, num_heads=a.num_heads, verbose=True)
@@ -292,9 +292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import cribo
 
-    from .dense import dense_evaluation
-    from .features import class_names_of, random_init_like
-    from .metrics import paired_bootstrap
+    from ..evaluation.dense import dense_evaluation
+    from ..evaluation.features import class_names_of, random_init_like
+    from ..evaluation.metrics import paired_bootstrap
 
     if a.threads > 0:
         torch.set_num_threads(a.threads)

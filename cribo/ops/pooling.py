@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _C
+from .. import _C
 from ._arrays import as_float32, as_int64, check_int
 
 __all__ = ["pool", "pool_backward"]

@@ -13,15 +13,13 @@ is the floor.  Writes ``<output_dir>/ablation.md`` (mean ± std over seeds),
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-__all__ = ["VARIANTS", "run_ablation", "main"]
+__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "run_ablation"]
 
 #: Variant name -> `cribo pretrain` flags on top of the common ones.
 VARIANTS: Dict[str, List[str]] = {
@@ -52,10 +50,10 @@ def run_ablation(variants: Sequence[str], seeds: Sequence[int], output_dir: str,
     from the finished runs among ``variants`` x ``seeds`` (to combine several
     invocations, e.g. sweeps run with fewer seeds).
     """
-    from .config import config_from_args
-    from .evaluate import dense_evaluation, random_init_like
-    from .pipeline import _teacher_backbone, eval_datasets
-    from .train import train
+    from ..train.config import config_from_args
+    from . import dense_evaluation, random_init_like
+    from .job import teacher_backbone, eval_datasets
+    from ..train.loop import train
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -84,7 +82,7 @@ def run_ablation(variants: Sequence[str], seeds: Sequence[int], output_dir: str,
             train_set, val_set = eval_datasets(cfg)
             kw = dict(k=cfg.eval_k, image_size=cfg.scene_size, seed=cfg.seed,
                       progress=cfg.progress, keep_predictions=0)
-            backbone = _teacher_backbone(cfg)
+            backbone = teacher_backbone(cfg)
             m = _metrics(*dense_evaluation(backbone, train_set, val_set, **kw))
             json.dump(m, open(done, "w"))
             rows.setdefault(name, {})[seed] = m
@@ -192,29 +190,3 @@ def _write(table: Dict[str, Any], output_dir: str) -> None:
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "ablation.png"))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: List[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(prog="cribo ablate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated names from {sorted(VARIANTS)}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    p.add_argument("--output-dir", default="runs/ablation", help="folder of runs and tables")
-    p.add_argument("--table-only", action="store_true",
-                   help="train nothing: rebuild the table from the finished runs in "
-                   "--output-dir (e.g. after sweeps run with other seeds)")
-    args = p.parse_args(argv)
-    table = run_ablation([v for v in args.variants.split(",") if v], args.seeds,
-                         args.output_dir, extra, table_only=args.table_only)
-    if not table["variants"]:
-        print(f"cribo ablate: no finished run of these variants and seeds in "
-              f"{args.output_dir}", file=sys.stderr)
-        return 1
-    return 0

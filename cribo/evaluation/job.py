@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from ..train.config import TrainConfig
 
 __all__ = ["evaluate_and_report", "eval_datasets", "teacher_usage"]
 
@@ -27,7 +27,7 @@ __all__ = ["evaluate_and_report", "eval_datasets", "teacher_usage"]
 def eval_datasets(cfg: TrainConfig):
     """(train, val) synthetic scenes for the dense evaluation (disjoint from nothing
     the network saw at test time: 'val' is its own stream)."""
-    from .data import SyntheticScenes
+    from ..data import SyntheticScenes
 
     train = SyntheticScenes("train", n_images=cfg.eval_train_images, size=cfg.scene_size,
                             seed=cfg.seed)
@@ -36,8 +36,8 @@ def eval_datasets(cfg: TrainConfig):
     return train, val
 
 
-def _teacher_backbone(cfg: TrainConfig) -> torch.nn.Module:
-    from .train import build_models
+def teacher_backbone(cfg: TrainConfig) -> torch.nn.Module:
+    from ..train.loop import build_models
 
     backbone = build_models(cfg)["teacher"].backbone
     state = torch.load(os.path.join(cfg.output_dir, "teacher_backbone.pth"), map_location="cpu",
@@ -48,8 +48,8 @@ def _teacher_backbone(cfg: TrainConfig) -> torch.nn.Module:
 
 def _cluster_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> None:
     """The teacher's joint-space clusters on two views of a few training scenes."""
-    from . import cluster, viz
-    from .data import SyntheticScenes, TwoViewTransform
+    from .. import cluster, viz
+    from ..data import SyntheticScenes, TwoViewTransform
 
     scenes = SyntheticScenes("train", n_images=8, size=cfg.scene_size, seed=cfg.seed)
     tf = TwoViewTransform(size=cfg.img_size, patch_size=cfg.patch_size)
@@ -80,7 +80,7 @@ def _channels_last(views: torch.Tensor) -> np.ndarray:
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
-    from .data import IMAGENET_MEAN, IMAGENET_STD
+    from ..data import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype).view(1, 3, 1, 1)
@@ -89,8 +89,8 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 def _match_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> None:
     """Nearest queue neighbours of a batch's objects, with the trained teacher."""
-    from . import ObjectQueue, cluster, pool, viz
-    from .data import SyntheticScenes, TwoViewTransform
+    from .. import ObjectQueue, cluster, pool, viz
+    from ..data import SyntheticScenes, TwoViewTransform
 
     scenes = SyntheticScenes("val", n_images=64, size=cfg.scene_size, seed=cfg.seed + 1)
     tf = TwoViewTransform(size=cfg.img_size, patch_size=cfg.patch_size).geometric_only()
@@ -133,8 +133,8 @@ def teacher_usage(cfg: TrainConfig, n_images: int = 64) -> Dict[str, float]:
     number of outputs in use: near L when the outputs are spread, a few when the
     teacher has (partly) collapsed onto them.  Both are in nats / counts.
     """
-    from . import cluster, pool
-    from .train import build_data, build_models
+    from .. import cluster, pool
+    from ..train.loop import build_data, build_models
 
     ck = torch.load(os.path.join(cfg.output_dir, "checkpoint.pth"), map_location="cpu",
                     weights_only=True)
@@ -186,13 +186,13 @@ def evaluate_and_report(cfg: TrainConfig, summary: Optional[Dict[str, Any]] = No
                         ) -> Dict[str, Any]:
     """Dense evaluation of the trained teacher and of its untrained starting point,
     pictures, and the report folder.  Returns the metrics dict."""
-    from . import viz
-    from .evaluate import dense_evaluation, paired_bootstrap, random_init_like
-    from .report import write_report
+    from .. import viz
+    from . import dense_evaluation, paired_bootstrap, random_init_like
+    from ..viz.report import write_report
 
     out = os.path.join(cfg.output_dir, "report")
     os.makedirs(out, exist_ok=True)
-    trained = _teacher_backbone(cfg)
+    trained = teacher_backbone(cfg)
     floor = random_init_like(trained, seed=cfg.seed)
     train_set, val_set = eval_datasets(cfg)
     kw = dict(k=cfg.eval_k, image_size=cfg.scene_size, seed=cfg.seed,

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bootstrap import ObjectQueue
-from .clustering import cluster
-from .losses import cribo_losses
-from .pooling import pool, pool_backward
+from ..ops.queue import ObjectQueue
+from ..ops.clustering import cluster
+from ..ops.losses import cribo_losses
+from ..ops.pooling import pool, pool_backward
 
 __all__ = ["CriboObjective", "CriboStudent", "ObjectiveOutput", "NonFiniteError",
            "pool_tokens", "student_logits", "image_seeds"]

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _C
+from .. import _C
 from ._arrays import as_bool, as_float32, check_float, check_int
 
 __all__ = ["softmax_cross_entropy", "update_center", "cribo_losses", "CriboLosses"]

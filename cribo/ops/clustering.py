@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _C
+from .. import _C
 from ._arrays import as_float32, as_int64, check_float, check_int
 
 __all__ = ["Clustering", "cluster", "draw_init"]

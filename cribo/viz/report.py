@@ -262,7 +262,7 @@ def write_report(output_dir: PathLike, *, metrics: Mapping[str, Any],
     config_json = json.dumps(_jsonable(dict(config or {})), indent=2, sort_keys=True)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     try:
-        from . import __version__ as version
+        from .. import __version__ as version
     except ImportError:  # pragma: no cover - a broken build still gets its report
         version = "?"
     stamp = f"written {when} by cribo {version}"
