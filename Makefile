@@ -52,4 +52,4 @@ bench: $(VENV)/.cribo $(VENV)/.testdeps
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf build cribo/*.so tests/sanitize/build $(VENV)
+	rm -rf build cribo/*.so tests/ops/sanitize/build $(VENV)

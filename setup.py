@@ -12,7 +12,8 @@ import numpy
 from setuptools import Extension, setup
 
 sources = [os.path.join("csrc", f) for f in
-           ("_C.c", "parallel.c", "cluster.c", "pool.c", "bootstrap.c", "loss.c")]
+           ("_C.c", "_args.c", "parallel.c", "cluster.c", "pool.c", "queue.c",
+            "loss.c")]
 include_dirs = [numpy.get_include(), "csrc"]
 library_dirs = []
 libraries = []
@@ -61,7 +62,7 @@ setup(
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,
             depends=[os.path.join("csrc", f)
-                     for f in ("cribo.h", "blas.h", "vmath.h", "workspace.h")],
+                     for f in ("_args.h", "cribo.h", "blas.h", "vmath.h", "workspace.h")],
         )
     ]
 )

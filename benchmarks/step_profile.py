@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ops = sum(med[k] for k, _, c in PARTS if c)
     print(f"\nStep profile: preset {args.preset}, batch {cfg.batch_size}, "
           f"{cfg.img_size}px/patch {cfg.patch_size}, ViT {cfg.embed_dim}x{cfg.depth}, "
-          f"head {cfg.out_dim}, K={cfg.n_clusters}, queue {cfg.queue_size}, "
+          f"head {cfg.out_dim}, K={cfg.n_clusters}, queue {cfg.queue_capacity}, "
           f"threads {recs[0]['threads']}; median of {len(its)} steps\n")
     print("| part | ms / step | share |\n|---|---:|---:|")
     for k, label, _ in PARTS:

@@ -5,7 +5,7 @@ this module keeps ``from cribo import models; models.vit_small()`` working.
 """
 from .nn.checkpoints import LoadReport, load_pretrained
 from .nn.head import CriboHead, WeightNormLinear
-from .nn.vit import DropPath, VisionTransformer, vit, vit_base, vit_small, vit_tiny
+from .nn.backbone import DropPath, VisionTransformer, vit, vit_base, vit_small, vit_tiny
 
 __all__ = [
     "VisionTransformer", "vit", "vit_tiny", "vit_small", "vit_base",

@@ -1,21 +1,28 @@
-/* _C.c -- the only file of cribo that knows Python and NumPy.
+/* _C.c -- the module cribo._C: one entry point per public operator of cribo/ops, each
+ * with the table of its argument rules, and the module definition.  Together with
+ * csrc/_args.c (the argument checker, interface in csrc/_args.h) it is the only code of
+ * cribo that knows Python and NumPy, and the one owner of every argument rule of the
+ * operators.
  *
- * Every function: parse (keywords named as in cribo/ops/__init__.py), validate every array
- * (dtype, byte order, ndim, contiguity, shapes against each other, dimensions <=
- * INT_MAX, index ranges, finiteness), allocate outputs and workspace, release the
- * GIL around the kernel, map its status to an exception.  Arrays must be native,
- * aligned, C-contiguous float32 / int64: nothing is cast or copied here (the
- * conversions users may rely on happen visibly in cribo/ops/__init__.py).
- * Messages read "fn: arg must be ..., got ...". */
-#define PY_SSIZE_T_CLEAN
-#define NPY_NO_DEPRECATED_API NPY_1_21_API_VERSION
-#include <Python.h>
-#include <limits.h>
+ * Why one file of nearly 1000 lines: every entry point lives here so that each operator's rules
+ * sit in one table next to its kernel call, and the module's method table lists them
+ * all; what is generic (parsing a call against a table, the messages) is in _args.c.
+ *
+ * Each entry point has the name and the keyword names of its public Python function
+ * (the modules of cribo/ops, which only convert array-likes and dispatch) and a table of
+ * argument specs (arg_spec: dtype and symbolic shape such as "B,2,N,d" for arrays, kind
+ * and range for scalars; see _args.h) read by ONE checker, cribo_args_check_call(), which
+ * parses the call and writes every message ("fn: arg must be ..., got ..." with the public
+ * function and argument names).  Rules that are not shapes (K <= 2N, distinct seeds,
+ * labels in range, ids given together, ...) are written next to the table of their entry
+ * point.  Then: allocate outputs and workspace, release the GIL around the kernel, map
+ * its status to an exception. */
+#include "_args.h" /* first: Python.h, NumPy (its API table is filled in PyInit__C) */
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <numpy/arrayobject.h>
 
 #include "cribo.h"
 
@@ -29,108 +36,7 @@ void scipy_openblas_set_num_threads(int num_threads);
 /* Threads used by every kernel; BLAS itself always runs on one thread inside them. */
 static int n_threads = 1;
 
-/* ------------------------------------------------------------------ checks */
-
-static int check_array(PyArrayObject *a, const char *fn, const char *name, int type,
-                       const char *type_name, int ndim, const char *shape_doc)
-{
-    if (PyArray_TYPE(a) != type || !PyArray_ISNOTSWAPPED(a)) {
-        PyErr_Format(PyExc_TypeError, "%s: %s must be a native-endian %s array, got %R",
-                     fn, name, type_name, (PyObject *)PyArray_DESCR(a));
-        return -1;
-    }
-    if (PyArray_NDIM(a) != ndim) {
-        PyErr_Format(PyExc_ValueError, "%s: %s must have shape %s, got %d dimensions",
-                     fn, name, shape_doc, PyArray_NDIM(a));
-        return -1;
-    }
-    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: %s must be C-contiguous and aligned (use numpy.require(x, "
-                     "requirements='CA'))",
-                     fn, name);
-        return -1;
-    }
-    for (int i = 0; i < ndim; i++) {
-        if (PyArray_DIM(a, i) > INT_MAX) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s: %s dimension %d is %zd, larger than the supported %d",
-                         fn, name, i, (Py_ssize_t)PyArray_DIM(a, i), INT_MAX);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-#define CHECK_F32(a, fn, name, nd, doc) check_array(a, fn, name, NPY_FLOAT32, "float32", nd, doc)
-#define CHECK_I64(a, fn, name, nd, doc) check_array(a, fn, name, NPY_INT64, "int64", nd, doc)
-
-/* Optional argument: NULL for None, else the array (checked to be an ndarray). */
-static int optional_array(PyObject *o, PyArrayObject **out, const char *fn, const char *name)
-{
-    if (o == NULL || o == Py_None) {
-        *out = NULL;
-        return 0;
-    }
-    if (!PyArray_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "%s: %s must be a numpy array or None, got %R",
-                     fn, name, (PyObject *)Py_TYPE(o));
-        return -1;
-    }
-    *out = (PyArrayObject *)o;
-    return 0;
-}
-
-static int check_positive_dim(npy_intp v, const char *fn, const char *what)
-{
-    if (v < 1) {
-        PyErr_Format(PyExc_ValueError, "%s: %s must be at least 1, got %zd", fn, what,
-                     (Py_ssize_t)v);
-        return -1;
-    }
-    return 0;
-}
-
-static int check_finite(PyArrayObject *a, const char *fn, const char *name)
-{
-    int ok;
-    const float *x = (const float *)PyArray_DATA(a);
-    const int64_t n = (int64_t)PyArray_SIZE(a);
-    Py_BEGIN_ALLOW_THREADS
-    ok = cribo_all_finite(x, n);
-    Py_END_ALLOW_THREADS
-    if (!ok) {
-        PyErr_Format(PyExc_ValueError, "%s: %s must be finite, got NaN or infinity", fn, name);
-        return -1;
-    }
-    return 0;
-}
-
-/* 0 if every entry of the int64 array lies in [lo, hi). */
-static int check_range(PyArrayObject *a, int64_t lo, int64_t hi, const char *fn,
-                       const char *name)
-{
-    const int64_t *x = (const int64_t *)PyArray_DATA(a);
-    const npy_intp n = PyArray_SIZE(a);
-    for (npy_intp i = 0; i < n; i++) {
-        if (x[i] < lo || x[i] >= hi) {
-            PyErr_Format(PyExc_ValueError, "%s: %s must lie in [%lld, %lld), got %lld",
-                         fn, name, (long long)lo, (long long)hi, (long long)x[i]);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* Raises ValueError "fn: name must be <expected>, got <value>" for a bad scalar. */
-static int bad_scalar(const char *fn, const char *name, const char *expected, double value)
-{
-    char buf[64];
-    snprintf(buf, sizeof buf, "%.17g", value);
-    PyErr_Format(PyExc_ValueError, "%s: %s must be %s, got %s", fn, name, expected, buf);
-    return -1;
-}
-
+/* A 64-byte aligned workspace (never of size 0); MemoryError if it cannot be had. */
 static void *alloc_work(size_t bytes)
 {
     void *p = NULL;
@@ -144,26 +50,63 @@ static void *alloc_work(size_t bytes)
     return p;
 }
 
-static PyObject *nonfinite_error(const char *fn, const char *what)
+/* temperatures, everywhere */
+#define TEMP(name, def) {name, S_FLOAT, NULL, OPT | LO_OPEN, 0.0, 1e5, def, 0, NULL}
+
+/* Runs the fused cross-entropy kernel; a non-finite scaled input is reported under the
+ * caller's public argument names (s_name, ta_name, tb_name). */
+static int run_softmax_cross_entropy(const char *fn, const char *s_name, const char *ta_name,
+                                     const char *tb_name, float *la, float *lb, float *grad,
+                                     const float *s, const float *ta, const float *tb,
+                                     const float *ca, const float *cb, const float *wa,
+                                     const float *wb, npy_intp R, npy_intp L, double ts,
+                                     double tta, double ttb)
 {
-    PyErr_Format(PyExc_ValueError, "%s: %s must be finite, got NaN or infinity", fn, what);
-    return NULL;
+    if (R == 0) {
+        return 0;
+    }
+    const int T = n_threads;
+    void *work = alloc_work(cribo_softmax_cross_entropy_workspace_size(L) *
+                            (size_t)(T < R ? T : R));
+    if (work == NULL) {
+        return -1;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = cribo_softmax_cross_entropy(la, lb, grad, s, ta, tb, ca, cb, wa, wb, R, L, ts, tta,
+                                         ttb, work, T);
+    Py_END_ALLOW_THREADS
+    free(work);
+    if (status == CRIBO_OK) {
+        return 0;
+    }
+    /* The kernel checks the logits as it scales them, so a finite logit whose quotient by
+     * the temperature leaves float32's range is reported too. */
+    PyErr_Format(cribo_args_ValueError,
+                 "%s: %s %s must be finite, got NaN or infinity (in the input, or from a finite "
+                 "value beyond float32's range once scaled)", fn,
+                 status == CRIBO_ENONFINITE_S ? s_name : status == CRIBO_ENONFINITE_TA ? ta_name
+                                                                                     : tb_name,
+                 status == CRIBO_ENONFINITE_S ? "(divided by student_temp)"
+                                              : "(after centring and scaling)");
+    return -1;
 }
 
 /* ------------------------------------------------------------------ threads */
 
-static PyObject *py_set_num_threads(PyObject *self, PyObject *args)
+static const arg_spec set_num_threads_args[] = {
+    {"n", S_INT, NULL, 0, 1, 256, 0, 0, NULL},
+};
+static const entry_spec set_num_threads_spec = {"set_num_threads", set_num_threads_args, 1, NULL};
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    long long n;
-    if (!PyArg_ParseTuple(args, "L:set_num_threads", &n)) {
+    call_t c;
+    if (cribo_args_check_call(&c, &set_num_threads_spec, args, kw) < 0) {
         return NULL;
     }
-    if (n < 1 || n > 256) {
-        PyErr_Format(PyExc_ValueError, "set_num_threads: n must be in [1, 256], got %lld", n);
-        return NULL;
-    }
-    n_threads = (int)n;
+    n_threads = (int)c.i[0];
     Py_RETURN_NONE;
 }
 
@@ -174,118 +117,149 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *args)
     return PyLong_FromLong(n_threads);
 }
 
-/* ------------------------------------------------------------------ cluster */
+/* ------------------------------------------------------------------ cluster, draw_init */
+
+#define SEED_MAX 9223372036854775807.0 /* 2^63 - 1 (rounds to 2^63; see check_int, _args.c) */
+
+/* The joint tokens of one image bound the clusters: K <= 2N. */
+static int check_clusters_fit(const call_t *c, const char *k_name)
+{
+    const npy_intp N = DIM(c, 'N'), K = DIM(c, 'K');
+    if (K > 2 * N) {
+        PyErr_Format(cribo_args_ValueError, "%s: %s must be at most 2N = %zd (the joint tokens of "
+                     "one image), got %zd", c->e->fn, k_name, (Py_ssize_t)(2 * N), (Py_ssize_t)K);
+        return -1;
+    }
+    return 0;
+}
+
+enum { DI_IMAGES, DI_TOKENS, DI_CLUSTERS, DI_SEED, DI_DRAW };
+static const arg_spec draw_init_args[] = {
+    {"n_images", S_INT, "B", 0, 0, INTMAX, 0, 0, NULL},
+    {"n_tokens", S_INT, "N", 0, 1, INTMAX, 0, 0, NULL},
+    {"n_clusters", S_INT, "K", 0, 1, INTMAX, 0, 0, NULL},
+    {"seed", S_SEED, "B", OPT, 0, SEED_MAX, 0, 0, NULL},
+    {"draw", S_CALLABLE, NULL, 0, 0, 0, 0, 0, NULL},
+};
+static const entry_spec draw_init_spec = {"draw_init", draw_init_args, N_OF(draw_init_args),
+                                          NULL};
+
+/* draw(n_images, n_tokens, n_clusters, seed) once its arguments pass; the draw itself is
+ * NumPy's Generator, in cribo/ops/clustering.py. */
+static PyObject *call_draw(PyObject *draw, npy_intp B, npy_intp N, npy_intp K, PyObject *seed)
+{
+    PyObject *zero = NULL;
+    if (seed == NULL) {
+        seed = zero = PyLong_FromLong(0);
+        if (zero == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *r = PyObject_CallFunction(draw, "nnnO", (Py_ssize_t)B, (Py_ssize_t)N,
+                                        (Py_ssize_t)K, seed);
+    Py_XDECREF(zero);
+    return r;
+}
+
+static PyObject *py_draw_init(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    call_t c;
+    if (cribo_args_check_call(&c, &draw_init_spec, args, kw) < 0 ||
+        check_clusters_fit(&c, "n_clusters") < 0) {
+        return NULL;
+    }
+    return call_draw(c.obj[DI_DRAW], DIM(&c, 'B'), DIM(&c, 'N'), DIM(&c, 'K'), c.obj[DI_SEED]);
+}
+
+enum { CL_TOKENS, CL_POSITIONS, CL_K, CL_POSW, CL_LAMBDA, CL_SITERS, CL_ITERS, CL_UPDATE,
+       CL_SEED, CL_INIT, CL_PLAN, CL_DRAW };
+static const arg_spec cluster_args[] = {
+    {"tokens", A_F32, "B,2,N,d", FINITE, 0, 0, 0, 0, NULL},
+    {"positions", A_F32, "B,2,N,2", FINITE, 0, 0, 0, 0, NULL},
+    {"n_clusters", S_INT, "K", 0, 1, INTMAX, 0, 0, NULL},
+    {"pos_weight", S_FLOAT, NULL, OPT, 0.0, 1e6, 2.0, 0, NULL},
+    {"sinkhorn_lambda", S_FLOAT, NULL, OPT | LO_OPEN, 0.0, 1e6, 20.0, 0, NULL},
+    {"sinkhorn_iters", S_INT, NULL, OPT, 0, 100000, 5, 0, NULL},
+    {"n_iters", S_INT, NULL, OPT, 1, 100000, 5, 0, NULL},
+    {"update_marginals", S_FLAG, NULL, OPT, 0, 0, 1, 0, NULL},
+    {"seed", S_SEED, "B", OPT, 0, SEED_MAX, 0, 0, NULL},
+    {"init", A_I64, "B,K", OPT, 0, 0, 0, 0, NULL},
+    {"return_plan", S_FLAG, NULL, OPT, 0, 0, 0, 0, NULL},
+    {"draw", S_CALLABLE, NULL, OPT | NONE_OK, 0, 0, 0, 0, NULL},
+};
+static const letter_doc cluster_nonempty[] = {
+    {'B', "the batch size B"}, {'N', "the number of tokens per view N"},
+    {'d', "the token width d"}, {0, NULL}};
+static const entry_spec cluster_spec = {"cluster", cluster_args, N_OF(cluster_args),
+                                        cluster_nonempty};
+
+/* init: distinct joint indices in [0, 2N) per image. */
+static int check_init(const call_t *c)
+{
+    const npy_intp B = DIM(c, 'B'), N = DIM(c, 'N'), K = DIM(c, 'K');
+    if (cribo_args_check_index_range(c, CL_INIT, 0, 2 * N) < 0) {
+        return -1;
+    }
+    char *seen = (char *)calloc((size_t)(2 * N), 1);
+    if (seen == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    const int64_t *ix = I64P(c, CL_INIT);
+    for (npy_intp b = 0; b < B; b++) {
+        for (npy_intp k = 0; k < K; k++) {
+            if (seen[ix[b * K + k]]) {
+                PyErr_Format(cribo_args_ValueError, "%s: init must hold distinct token indices per "
+                             "image, got %lld twice in image %zd", c->e->fn,
+                             (long long)ix[b * K + k], (Py_ssize_t)b);
+                free(seen);
+                return -1;
+            }
+            seen[ix[b * K + k]] = 1;
+        }
+        for (npy_intp k = 0; k < K; k++) {
+            seen[ix[b * K + k]] = 0;
+        }
+    }
+    free(seen);
+    return 0;
+}
 
 static PyObject *py_cluster(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *kwlist[] = {"tokens", "positions", "init", "pos_weight", "sinkhorn_lambda",
-                             "sinkhorn_iters", "n_iters", "update_marginals", "return_plan",
-                             NULL};
-    const char *fn = "cluster";
-    PyArrayObject *tok, *pos, *init;
-    double pos_weight, lambda;
-    long long sinkhorn_iters, n_iters;
-    int update_marginals, return_plan;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!O!ddLLpp:cluster", kwlist,
-                                     &PyArray_Type, &tok, &PyArray_Type, &pos,
-                                     &PyArray_Type, &init, &pos_weight, &lambda,
-                                     &sinkhorn_iters, &n_iters, &update_marginals,
-                                     &return_plan)) {
+    call_t c;
+    if (cribo_args_check_call(&c, &cluster_spec, args, kw) < 0 ||
+        check_clusters_fit(&c, "n_clusters") < 0) {
         return NULL;
     }
-    if (CHECK_F32(tok, fn, "tokens", 4, "(B, 2, N, d)") < 0 ||
-        CHECK_F32(pos, fn, "positions", 4, "(B, 2, N, 2)") < 0 ||
-        CHECK_I64(init, fn, "init", 2, "(B, K)") < 0) {
-        return NULL;
-    }
-    const npy_intp B = PyArray_DIM(tok, 0), N = PyArray_DIM(tok, 2), D = PyArray_DIM(tok, 3);
-    const npy_intp K = PyArray_DIM(init, 1);
-    if (PyArray_DIM(tok, 1) != 2) {
-        PyErr_Format(PyExc_ValueError, "%s: tokens must have shape (B, 2, N, d) with 2 views, "
-                     "got %zd views", fn, (Py_ssize_t)PyArray_DIM(tok, 1));
-        return NULL;
-    }
-    if (check_positive_dim(B, fn, "the batch size B") < 0 ||
-        check_positive_dim(N, fn, "the number of tokens per view N") < 0 ||
-        check_positive_dim(D, fn, "the token width d") < 0 ||
-        check_positive_dim(K, fn, "n_clusters") < 0) {
-        return NULL;
-    }
-    if (PyArray_DIM(pos, 0) != B || PyArray_DIM(pos, 1) != 2 || PyArray_DIM(pos, 2) != N ||
-        PyArray_DIM(pos, 3) != 2) {
-        PyErr_Format(PyExc_ValueError, "%s: positions must have shape (%zd, 2, %zd, 2) to match "
-                     "tokens, got (%zd, %zd, %zd, %zd)", fn, (Py_ssize_t)B, (Py_ssize_t)N,
-                     (Py_ssize_t)PyArray_DIM(pos, 0), (Py_ssize_t)PyArray_DIM(pos, 1),
-                     (Py_ssize_t)PyArray_DIM(pos, 2), (Py_ssize_t)PyArray_DIM(pos, 3));
-        return NULL;
-    }
-    if (PyArray_DIM(init, 0) != B) {
-        PyErr_Format(PyExc_ValueError, "%s: init must have shape (%zd, K), got (%zd, %zd)", fn,
-                     (Py_ssize_t)B, (Py_ssize_t)PyArray_DIM(init, 0), (Py_ssize_t)K);
-        return NULL;
-    }
-    if (K > 2 * N) {
-        PyErr_Format(PyExc_ValueError, "%s: n_clusters must be at most 2N = %zd (the joint "
-                     "tokens of one image), got %zd", fn, (Py_ssize_t)(2 * N), (Py_ssize_t)K);
-        return NULL;
-    }
+    const npy_intp B = DIM(&c, 'B'), N = DIM(&c, 'N'), D = DIM(&c, 'd'), K = DIM(&c, 'K');
     if (2 * N > INT_MAX || (npy_intp)(2 * N) * K > (npy_intp)INT_MAX * 64) {
-        PyErr_Format(PyExc_ValueError, "%s: 2N x n_clusters = %zd x %zd is too large", fn,
+        PyErr_Format(cribo_args_ValueError, "cluster: 2N x n_clusters = %zd x %zd is too large",
                      (Py_ssize_t)(2 * N), (Py_ssize_t)K);
         return NULL;
     }
-    if (!(pos_weight >= 0.0 && pos_weight <= 1e6)) {
-        bad_scalar(fn, "pos_weight", "a finite number in [0, 1e6]", pos_weight);
-        return NULL;
-    }
-    if (!(lambda > 0.0 && lambda <= 1e6)) {
-        bad_scalar(fn, "sinkhorn_lambda", "a finite number in (0, 1e6]", lambda);
-        return NULL;
-    }
-    if (sinkhorn_iters < 0 || sinkhorn_iters > 100000) {
-        PyErr_Format(PyExc_ValueError, "%s: sinkhorn_iters must be in [0, 100000], got %lld",
-                     fn, sinkhorn_iters);
-        return NULL;
-    }
-    if (n_iters < 1 || n_iters > 100000) {
-        PyErr_Format(PyExc_ValueError, "%s: n_iters must be in [1, 100000], got %lld", fn,
-                     n_iters);
-        return NULL;
-    }
-    if (check_range(init, 0, 2 * N, fn, "init") < 0) {
-        return NULL;
-    }
-    /* init rows must be distinct indices. */
-    {
-        char *seen = (char *)calloc((size_t)(2 * N), 1);
-        if (seen == NULL) {
-            return PyErr_NoMemory();
+    PyObject *init; /* owned */
+    if (c.arr[CL_INIT] != NULL) {
+        init = (PyObject *)c.arr[CL_INIT];
+        Py_INCREF(init);
+    } else {
+        if (c.obj[CL_DRAW] == NULL) {
+            PyErr_SetString(PyExc_ValueError, "cluster: init is required when draw is None");
+            return NULL;
         }
-        const int64_t *ix = (const int64_t *)PyArray_DATA(init);
-        for (npy_intp b = 0; b < B; b++) {
-            for (npy_intp k = 0; k < K; k++) {
-                if (seen[ix[b * K + k]]) {
-                    PyErr_Format(PyExc_ValueError, "%s: init must hold distinct token indices "
-                                 "per image, got %lld twice in image %zd", fn,
-                                 (long long)ix[b * K + k], (Py_ssize_t)b);
-                    free(seen);
-                    return NULL;
-                }
-                seen[ix[b * K + k]] = 1;
-            }
-            for (npy_intp k = 0; k < K; k++) {
-                seen[ix[b * K + k]] = 0;
-            }
+        init = call_draw(c.obj[CL_DRAW], B, N, K, c.obj[CL_SEED]);
+        if (init == NULL || cribo_args_check_array(&c, CL_INIT, init) < 0) {
+            Py_XDECREF(init);
+            return NULL;
         }
-        free(seen);
     }
-    if (check_finite(tok, fn, "tokens") < 0 || check_finite(pos, fn, "positions") < 0) {
-        return NULL;
-    }
-
     PyArrayObject *labels = NULL, *counts = NULL, *plan = NULL;
     void *work = NULL;
+    if (check_init(&c) < 0) {
+        goto fail;
+    }
     npy_intp ldims[3] = {B, 2, N};
     npy_intp cdims[3] = {B, 2, K};
     npy_intp pdims[3] = {B, 2 * N, K};
@@ -294,7 +268,7 @@ static PyObject *py_cluster(PyObject *self, PyObject *args, PyObject *kw)
     if (labels == NULL || counts == NULL) {
         goto fail;
     }
-    if (return_plan) {
+    if (c.i[CL_PLAN]) {
         plan = (PyArrayObject *)PyArray_SimpleNew(3, pdims, NPY_FLOAT32);
         if (plan == NULL) {
             goto fail;
@@ -306,101 +280,105 @@ static PyObject *py_cluster(PyObject *self, PyObject *args, PyObject *kw)
     if (work == NULL) {
         goto fail;
     }
-    cribo_cluster_params params = {pos_weight, lambda, sinkhorn_iters, n_iters,
-                                   update_marginals};
+    cribo_cluster_params params = {c.f[CL_POSW], c.f[CL_LAMBDA], c.i[CL_SITERS], c.i[CL_ITERS],
+                                   (int)c.i[CL_UPDATE]};
     Py_BEGIN_ALLOW_THREADS
     cribo_cluster((int64_t *)PyArray_DATA(labels), (int64_t *)PyArray_DATA(counts),
-                  plan != NULL ? (float *)PyArray_DATA(plan) : NULL,
-                  (const float *)PyArray_DATA(tok), (const float *)PyArray_DATA(pos),
-                  (const int64_t *)PyArray_DATA(init), B, N, D, K, &params, work, T);
+                  plan != NULL ? (float *)PyArray_DATA(plan) : NULL, F32P(&c, CL_TOKENS),
+                  F32P(&c, CL_POSITIONS), I64P(&c, CL_INIT), B, N, D, K, &params, work, T);
     Py_END_ALLOW_THREADS
     free(work);
     if (plan == NULL) {
-        return Py_BuildValue("NNO", labels, counts, Py_None);
+        Py_INCREF(Py_None);
+        plan = (PyArrayObject *)Py_None;
     }
-    return Py_BuildValue("NNN", labels, counts, plan);
+    return Py_BuildValue("NNNN", labels, counts, plan, init);
 
 fail:
     free(work);
     Py_XDECREF(labels);
     Py_XDECREF(counts);
     Py_XDECREF(plan);
+    Py_DECREF(init);
     return NULL;
 }
 
 /* ------------------------------------------------------------------ pool */
 
-/* Shared checks of pool / pool_backward: x is tokens (B,2,N,D) in the forward pass and
- * grad_objects (B,2,K,D) in the backward pass; labels (B,2,N) int64 in [-1, K). */
-static int check_pool_hard(const char *fn, PyArrayObject *x, const char *xname, int forward,
-                           PyArrayObject *labels, long long K)
-{
-    if (CHECK_F32(x, fn, xname, 4, forward ? "(B, 2, N, d)" : "(B, 2, K, d)") < 0 ||
-        CHECK_I64(labels, fn, "labels", 3, "(B, 2, N)") < 0) {
-        return -1;
-    }
-    if (K < 1 || K > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "%s: n_clusters must be in [1, %d], got %lld", fn,
-                     INT_MAX, K);
-        return -1;
-    }
-    const npy_intp B = PyArray_DIM(labels, 0), N = PyArray_DIM(labels, 2);
-    if (PyArray_DIM(x, 0) != B || PyArray_DIM(x, 1) != 2 || PyArray_DIM(labels, 1) != 2 ||
-        PyArray_DIM(x, 2) != (forward ? N : (npy_intp)K)) {
-        PyErr_Format(PyExc_ValueError, "%s: %s must have shape (%zd, 2, %lld, d) to match "
-                     "labels (%zd, %zd, %zd) and n_clusters=%lld, got (%zd, %zd, %zd, %zd)",
-                     fn, xname, (Py_ssize_t)B, forward ? (long long)N : K, (Py_ssize_t)B,
-                     (Py_ssize_t)PyArray_DIM(labels, 1), (Py_ssize_t)N, K,
-                     (Py_ssize_t)PyArray_DIM(x, 0), (Py_ssize_t)PyArray_DIM(x, 1),
-                     (Py_ssize_t)PyArray_DIM(x, 2), (Py_ssize_t)PyArray_DIM(x, 3));
-        return -1;
-    }
-    if (check_positive_dim(B, fn, "the batch size B") < 0 ||
-        check_positive_dim(N, fn, "the number of tokens per view N") < 0 ||
-        check_positive_dim(PyArray_DIM(x, 3), fn, "the token width d") < 0) {
-        return -1;
-    }
-    if (check_range(labels, -1, K, fn, "labels") < 0) {
-        return -1;
-    }
-    return check_finite(x, fn, xname);
-}
+#define N_CLUSTERS_ARG(flags, note) {"n_clusters", S_INT, "K", flags, 1, INTMAX, 0, 0, note}
+static const arg_spec pool_args[] = {
+    {"tokens", A_F32, "B,2,N,d", FINITE, 0, 0, 0, 0, NULL},
+    {"labels", A_I64, "B,2,N", 0, 0, 0, 0, 0, NULL},
+    N_CLUSTERS_ARG(0, " (required with integer labels)"),
+};
+static const arg_spec pool_backward_args[] = {
+    {"grad_objects", A_F32, "B,2,K,d", FINITE, 0, 0, 0, 0, NULL},
+    {"labels", A_I64, "B,2,N", 0, 0, 0, 0, 0, NULL},
+    N_CLUSTERS_ARG(0, " (required with integer labels)"),
+};
+static const arg_spec pool_soft_args[] = {
+    {"tokens", A_F32, "B,2,N,d", FINITE, 0, 0, 0, 0, NULL},
+    {"weights", A_F32, "B,2,N,K", FINITE | NONNEG, 0, 0, 0, 0, NULL},
+    N_CLUSTERS_ARG(OPT | NONE_OK, NULL),
+};
+static const arg_spec pool_soft_backward_args[] = {
+    {"grad_objects", A_F32, "B,2,K,d", FINITE, 0, 0, 0, 0, NULL},
+    {"weights", A_F32, "B,2,N,K", FINITE | NONNEG, 0, 0, 0, 0, NULL},
+    N_CLUSTERS_ARG(OPT | NONE_OK, NULL),
+};
+static const letter_doc pool_nonempty[] = {
+    {'B', "the batch size B"}, {'N', "the number of tokens per view N"},
+    {'K', "the number of clusters K"}, {'d', "the token width d"}, {0, NULL}};
+/* The public functions are pool and pool_backward, with labels or with weights. */
+static const entry_spec pool_spec = {"pool", pool_args, 3, pool_nonempty};
+static const entry_spec pool_backward_spec = {"pool_backward", pool_backward_args, 3,
+                                              pool_nonempty};
+static const entry_spec pool_soft_spec = {"pool", pool_soft_args, 3, pool_nonempty};
+static const entry_spec pool_soft_backward_spec = {"pool_backward", pool_soft_backward_args, 3,
+                                                   pool_nonempty};
 
-static PyObject *pool_hard(PyObject *args, PyObject *kw, int forward)
+/* kind: 0 pool, 1 pool_backward, 2 pool_soft, 3 pool_soft_backward */
+static PyObject *pool_entry(PyObject *args, PyObject *kw, int kind)
 {
-    static char *kwf[] = {"tokens", "labels", "n_clusters", NULL};
-    static char *kwb[] = {"grad_objects", "labels", "n_clusters", NULL};
-    const char *fn = forward ? "pool" : "pool_backward";
-    PyArrayObject *x, *labels;
-    long long K;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, forward ? "O!O!L:pool" : "O!O!L:pool_backward",
-                                     forward ? kwf : kwb, &PyArray_Type, &x, &PyArray_Type,
-                                     &labels, &K)) {
+    static const entry_spec *const specs[4] = {&pool_spec, &pool_backward_spec, &pool_soft_spec,
+                                               &pool_soft_backward_spec};
+    call_t c;
+    if (cribo_args_check_call(&c, specs[kind], args, kw) < 0) {
         return NULL;
     }
-    if (check_pool_hard(fn, x, forward ? "tokens" : "grad_objects", forward, labels, K) < 0) {
+    const int forward = kind == 0 || kind == 2, soft = kind >= 2;
+    const npy_intp B = DIM(&c, 'B'), N = DIM(&c, 'N'), D = DIM(&c, 'd'), K = DIM(&c, 'K');
+    if (!soft && cribo_args_check_index_range(&c, 1, -1, K) < 0) {
         return NULL;
     }
-    const npy_intp B = PyArray_DIM(labels, 0), N = PyArray_DIM(labels, 2);
-    const npy_intp D = PyArray_DIM(x, 3);
-    npy_intp dims[4] = {B, 2, forward ? (npy_intp)K : N, D};
+    npy_intp dims[4] = {B, 2, forward ? K : N, D};
     PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(4, dims, NPY_FLOAT32);
     if (out == NULL) {
         return NULL;
     }
     const int T = n_threads;
-    void *work = alloc_work(cribo_pool_workspace_size(D, K) * (size_t)T);
+    void *work = alloc_work((soft ? cribo_pool_soft_workspace_size(N, K)
+                                  : cribo_pool_workspace_size(D, K)) * (size_t)T);
     if (work == NULL) {
         Py_DECREF(out);
         return NULL;
     }
+    float *o = (float *)PyArray_DATA(out);
+    const float *x = F32P(&c, 0);
     Py_BEGIN_ALLOW_THREADS
-    if (forward) {
-        cribo_pool_forward((float *)PyArray_DATA(out), (const float *)PyArray_DATA(x),
-                           (const int64_t *)PyArray_DATA(labels), B, N, D, K, work, T);
-    } else {
-        cribo_pool_backward((float *)PyArray_DATA(out), (const float *)PyArray_DATA(x),
-                            (const int64_t *)PyArray_DATA(labels), B, N, D, K, work, T);
+    switch (kind) {
+    case 0:
+        cribo_pool(o, x, I64P(&c, 1), B, N, D, K, work, T);
+        break;
+    case 1:
+        cribo_pool_backward(o, x, I64P(&c, 1), B, N, D, K, work, T);
+        break;
+    case 2:
+        cribo_pool_soft(o, x, F32P(&c, 1), B, N, D, K, work, T);
+        break;
+    default:
+        cribo_pool_soft_backward(o, x, F32P(&c, 1), B, N, D, K, work, T);
+        break;
     }
     Py_END_ALLOW_THREADS
     free(work);
@@ -410,153 +388,60 @@ static PyObject *pool_hard(PyObject *args, PyObject *kw, int forward)
 static PyObject *py_pool(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    return pool_hard(args, kw, 1);
+    return pool_entry(args, kw, 0);
 }
 
 static PyObject *py_pool_backward(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    return pool_hard(args, kw, 0);
-}
-
-static PyObject *pool_soft(PyObject *args, PyObject *kw, int forward)
-{
-    static char *kwf[] = {"tokens", "weights", NULL};
-    static char *kwb[] = {"grad_objects", "weights", NULL};
-    const char *fn = forward ? "pool" : "pool_backward";
-    const char *xname = forward ? "tokens" : "grad_objects";
-    PyArrayObject *x, *w;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, forward ? "O!O!:pool" : "O!O!:pool_backward",
-                                     forward ? kwf : kwb, &PyArray_Type, &x, &PyArray_Type,
-                                     &w)) {
-        return NULL;
-    }
-    if (CHECK_F32(x, fn, xname, 4, forward ? "(B, 2, N, d)" : "(B, 2, K, d)") < 0 ||
-        CHECK_F32(w, fn, "weights", 4, "(B, 2, N, K)") < 0) {
-        return NULL;
-    }
-    const npy_intp B = PyArray_DIM(w, 0), N = PyArray_DIM(w, 2), K = PyArray_DIM(w, 3);
-    const npy_intp D = PyArray_DIM(x, 3);
-    if (PyArray_DIM(w, 1) != 2 || PyArray_DIM(x, 0) != B || PyArray_DIM(x, 1) != 2 ||
-        PyArray_DIM(x, 2) != (forward ? N : K)) {
-        PyErr_Format(PyExc_ValueError, "%s: %s must have shape (%zd, 2, %zd, d) to match "
-                     "weights (%zd, %zd, %zd, %zd), got (%zd, %zd, %zd, %zd)", fn, xname,
-                     (Py_ssize_t)B, (Py_ssize_t)(forward ? N : K), (Py_ssize_t)B,
-                     (Py_ssize_t)PyArray_DIM(w, 1), (Py_ssize_t)N, (Py_ssize_t)K,
-                     (Py_ssize_t)PyArray_DIM(x, 0), (Py_ssize_t)PyArray_DIM(x, 1),
-                     (Py_ssize_t)PyArray_DIM(x, 2), (Py_ssize_t)D);
-        return NULL;
-    }
-    if (check_positive_dim(B, fn, "the batch size B") < 0 ||
-        check_positive_dim(N, fn, "the number of tokens per view N") < 0 ||
-        check_positive_dim(K, fn, "the number of clusters K") < 0 ||
-        check_positive_dim(D, fn, "the token width d") < 0) {
-        return NULL;
-    }
-    if (check_finite(x, fn, xname) < 0 || check_finite(w, fn, "weights") < 0) {
-        return NULL;
-    }
-    {
-        const float *wp = (const float *)PyArray_DATA(w);
-        const npy_intp n = PyArray_SIZE(w);
-        for (npy_intp i = 0; i < n; i++) {
-            if (wp[i] < 0.0f) {
-                PyErr_Format(PyExc_ValueError, "%s: weights must be non-negative", fn);
-                return NULL;
-            }
-        }
-    }
-    npy_intp dims[4] = {B, 2, forward ? K : N, D};
-    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(4, dims, NPY_FLOAT32);
-    if (out == NULL) {
-        return NULL;
-    }
-    const int T = n_threads;
-    void *work = alloc_work(cribo_pool_soft_workspace_size(N, K) * (size_t)T);
-    if (work == NULL) {
-        Py_DECREF(out);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    if (forward) {
-        cribo_pool_soft_forward((float *)PyArray_DATA(out), (const float *)PyArray_DATA(x),
-                                (const float *)PyArray_DATA(w), B, N, D, K, work, T);
-    } else {
-        cribo_pool_soft_backward((float *)PyArray_DATA(out), (const float *)PyArray_DATA(x),
-                                 (const float *)PyArray_DATA(w), B, N, D, K, work, T);
-    }
-    Py_END_ALLOW_THREADS
-    free(work);
-    return (PyObject *)out;
+    return pool_entry(args, kw, 1);
 }
 
 static PyObject *py_pool_soft(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    return pool_soft(args, kw, 1);
+    return pool_entry(args, kw, 2);
 }
 
 static PyObject *py_pool_soft_backward(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    return pool_soft(args, kw, 0);
+    return pool_entry(args, kw, 3);
 }
 
 /* ------------------------------------------------------------------ top-k */
 
+enum { TK_QUERIES, TK_BANK, TK_K, TK_QIDS, TK_BIDS };
+static const arg_spec topk_cosine_args[] = {
+    {"queries", A_F32, "M,d", 0, 0, 0, 0, 0, NULL},
+    {"bank", A_F32, "Q,d", 0, 0, 0, 0, 0, NULL},
+    {"k", S_INT, NULL, OPT, 1, INTMAX, 1, 0, NULL},
+    {"query_ids", A_I64, "M", OPT, 0, 0, 0, 0, NULL},
+    {"bank_ids", A_I64, "Q", OPT, 0, 0, 0, 0, NULL},
+};
+static const letter_doc topk_cosine_nonempty[] = {
+    {'d', "the feature width d"}, {'Q', "the bank size Q"}, {0, NULL}};
+static const entry_spec topk_cosine_spec = {"topk_cosine", topk_cosine_args,
+                                            N_OF(topk_cosine_args), topk_cosine_nonempty};
+
 static PyObject *py_topk_cosine(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *kwlist[] = {"queries", "bank", "k", "query_ids", "bank_ids", NULL};
-    const char *fn = "topk_cosine";
-    PyArrayObject *q, *bank, *qids = NULL, *bids = NULL;
-    PyObject *oq = Py_None, *ob = Py_None;
-    long long k;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!L|OO:topk_cosine", kwlist, &PyArray_Type,
-                                     &q, &PyArray_Type, &bank, &k, &oq, &ob)) {
+    call_t c;
+    if (cribo_args_check_call(&c, &topk_cosine_spec, args, kw) < 0) {
         return NULL;
     }
-    if (CHECK_F32(q, fn, "queries", 2, "(M, d)") < 0 ||
-        CHECK_F32(bank, fn, "bank", 2, "(Q, d)") < 0 ||
-        optional_array(oq, &qids, fn, "query_ids") < 0 ||
-        optional_array(ob, &bids, fn, "bank_ids") < 0) {
+    const npy_intp M = DIM(&c, 'M'), D = DIM(&c, 'd'), Q = DIM(&c, 'Q');
+    const long long k = c.i[TK_K];
+    if (k > Q) {
+        PyErr_Format(cribo_args_ValueError, "topk_cosine: k must be in [1, %zd] (the bank size), "
+                     "got %lld", (Py_ssize_t)Q, k);
         return NULL;
     }
-    const npy_intp M = PyArray_DIM(q, 0), D = PyArray_DIM(q, 1), Q = PyArray_DIM(bank, 0);
-    if (PyArray_DIM(bank, 1) != D) {
-        PyErr_Format(PyExc_ValueError, "%s: bank must have shape (Q, %zd) to match queries, "
-                     "got (%zd, %zd)", fn, (Py_ssize_t)D, (Py_ssize_t)Q,
-                     (Py_ssize_t)PyArray_DIM(bank, 1));
+    if ((c.arr[TK_QIDS] == NULL) != (c.arr[TK_BIDS] == NULL)) {
+        PyErr_SetString(cribo_args_ValueError, "topk_cosine: query_ids and bank_ids must be given "
+                        "together");
         return NULL;
-    }
-    if (check_positive_dim(D, fn, "the feature width d") < 0) {
-        return NULL;
-    }
-    if (Q < 1) {
-        PyErr_Format(PyExc_ValueError, "%s: bank must hold at least one row, got an empty bank",
-                     fn);
-        return NULL;
-    }
-    if (k < 1 || k > Q) {
-        PyErr_Format(PyExc_ValueError, "%s: k must be in [1, %zd] (the bank size), got %lld",
-                     fn, (Py_ssize_t)Q, k);
-        return NULL;
-    }
-    if ((qids == NULL) != (bids == NULL)) {
-        PyErr_Format(PyExc_ValueError, "%s: query_ids and bank_ids must be given together", fn);
-        return NULL;
-    }
-    if (qids != NULL) {
-        if (CHECK_I64(qids, fn, "query_ids", 1, "(M,)") < 0 ||
-            CHECK_I64(bids, fn, "bank_ids", 1, "(Q,)") < 0) {
-            return NULL;
-        }
-        if (PyArray_DIM(qids, 0) != M || PyArray_DIM(bids, 0) != Q) {
-            PyErr_Format(PyExc_ValueError, "%s: query_ids must have shape (%zd,) and bank_ids "
-                         "(%zd,), got (%zd,) and (%zd,)", fn, (Py_ssize_t)M, (Py_ssize_t)Q,
-                         (Py_ssize_t)PyArray_DIM(qids, 0), (Py_ssize_t)PyArray_DIM(bids, 0));
-            return NULL;
-        }
     }
     npy_intp dims[2] = {M, (npy_intp)k};
     PyArrayObject *idx = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_INT64);
@@ -572,18 +457,18 @@ static PyObject *py_topk_cosine(PyObject *self, PyObject *args, PyObject *kw)
             goto fail;
         }
         int status;
+        const int64_t *qids = c.arr[TK_QIDS] != NULL ? I64P(&c, TK_QIDS) : NULL;
+        const int64_t *bids = c.arr[TK_BIDS] != NULL ? I64P(&c, TK_BIDS) : NULL;
         Py_BEGIN_ALLOW_THREADS
         status = cribo_topk_cosine((int64_t *)PyArray_DATA(idx), (float *)PyArray_DATA(sim),
-                                   (const float *)PyArray_DATA(q),
-                                   (const float *)PyArray_DATA(bank),
-                                   qids != NULL ? (const int64_t *)PyArray_DATA(qids) : NULL,
-                                   bids != NULL ? (const int64_t *)PyArray_DATA(bids) : NULL,
-                                   M, Q, D, k, work, T);
+                                   F32P(&c, TK_QUERIES), F32P(&c, TK_BANK), qids, bids, M, Q, D,
+                                   k, work, T);
         Py_END_ALLOW_THREADS
         free(work);
         work = NULL;
         if (status != CRIBO_OK) {
-            nonfinite_error(fn, "queries and bank");
+            PyErr_SetString(cribo_args_ValueError, "topk_cosine: queries and bank must be finite, got "
+                            "NaN or infinity");
             goto fail;
         }
     }
@@ -596,259 +481,480 @@ fail:
     return NULL;
 }
 
-/* ------------------------------------------------------------------ losses */
+/* ------------------------------------------------------------------ softmax_cross_entropy */
 
-/* An optional (R, L) / (L) / (R) float32 argument, checked against R and L. */
-static int check_opt(PyArrayObject *a, const char *fn, const char *name, int ndim,
-                     npy_intp d0, npy_intp d1, const char *doc)
-{
-    if (a == NULL) {
-        return 0;
-    }
-    if (CHECK_F32(a, fn, name, ndim, doc) < 0) {
-        return -1;
-    }
-    if (PyArray_DIM(a, 0) != d0 || (ndim == 2 && PyArray_DIM(a, 1) != d1)) {
-        if (ndim == 2) {
-            PyErr_Format(PyExc_ValueError, "%s: %s must have shape (%zd, %zd), got (%zd, %zd)",
-                         fn, name, (Py_ssize_t)d0, (Py_ssize_t)d1,
-                         (Py_ssize_t)PyArray_DIM(a, 0), (Py_ssize_t)PyArray_DIM(a, 1));
-        } else {
-            PyErr_Format(PyExc_ValueError, "%s: %s must have shape (%zd,), got (%zd,)", fn,
-                         name, (Py_ssize_t)d0, (Py_ssize_t)PyArray_DIM(a, 0));
-        }
-        return -1;
-    }
-    return 0;
-}
+enum { SX_S, SX_T, SX_C, SX_TS, SX_TT };
+static const arg_spec softmax_cross_entropy_args[] = {
+    {"student_logits", A_F32, "R,L", 0, 0, 0, 0, 0, NULL},
+    {"teacher_logits", A_F32, "R,L", 0, 0, 0, 0, 0, NULL},
+    {"center", A_F32, "L", OPT | FINITE, 0, 0, 0, 0, NULL},
+    TEMP("student_temp", 0.1),
+    TEMP("teacher_temp", 0.07),
+};
+static const letter_doc logits_nonempty[] = {{'L', "the number of logits L"}, {0, NULL}};
+static const entry_spec softmax_cross_entropy_spec = {
+    "softmax_cross_entropy", softmax_cross_entropy_args, N_OF(softmax_cross_entropy_args),
+    logits_nonempty};
 
-static PyObject *py_xent(PyObject *self, PyObject *args, PyObject *kw)
+static PyObject *py_softmax_cross_entropy(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *kwlist[] = {"student_logits", "teacher_logits", "teacher_logits_b", "center",
-                             "center_b", "weight", "weight_b", "student_temp", "teacher_temp",
-                             "teacher_temp_b", "with_grad", "grad_out", NULL};
-    const char *fn = "softmax_cross_entropy";
-    PyArrayObject *s, *ta, *tb = NULL, *ca = NULL, *cb = NULL, *wa = NULL, *wb = NULL;
-    PyObject *otb = Py_None, *oca = Py_None, *ocb = Py_None, *owa = Py_None, *owb = Py_None;
-    PyObject *ogo = Py_None;
-    PyArrayObject *gout = NULL;
-    double ts = 0.1, tta = 0.07, ttb = 0.07;
-    int with_grad = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!|OOOOOdddpO:softmax_cross_entropy", kwlist,
-                                     &PyArray_Type, &s, &PyArray_Type, &ta, &otb, &oca, &ocb,
-                                     &owa, &owb, &ts, &tta, &ttb, &with_grad, &ogo)) {
+    call_t c;
+    if (cribo_args_check_call(&c, &softmax_cross_entropy_spec, args, kw) < 0) {
         return NULL;
     }
-    if (optional_array(ogo, &gout, fn, "grad_out") < 0) {
-        return NULL;
-    }
-    if (CHECK_F32(s, fn, "student_logits", 2, "(R, L)") < 0 ||
-        optional_array(otb, &tb, fn, "teacher_logits_b") < 0 ||
-        optional_array(oca, &ca, fn, "center") < 0 ||
-        optional_array(ocb, &cb, fn, "center_b") < 0 ||
-        optional_array(owa, &wa, fn, "weight") < 0 ||
-        optional_array(owb, &wb, fn, "weight_b") < 0) {
-        return NULL;
-    }
-    const npy_intp R = PyArray_DIM(s, 0), L = PyArray_DIM(s, 1);
-    if (check_opt(ta, fn, "teacher_logits", 2, R, L, "(R, L)") < 0 ||
-        check_opt(tb, fn, "teacher_logits_b", 2, R, L, "(R, L)") < 0 ||
-        check_opt(ca, fn, "center", 1, L, 0, "(L,)") < 0 ||
-        check_opt(cb, fn, "center_b", 1, L, 0, "(L,)") < 0 ||
-        check_opt(wa, fn, "weight", 1, R, 0, "(R,)") < 0 ||
-        check_opt(wb, fn, "weight_b", 1, R, 0, "(R,)") < 0 ||
-        check_opt(gout, fn, "grad_out", 2, R, L, "(R, L)") < 0) {
-        return NULL;
-    }
-    if (gout != NULL && !PyArray_ISWRITEABLE(gout)) {
-        PyErr_Format(PyExc_ValueError, "%s: grad_out must be writeable", fn);
-        return NULL;
-    }
-    if (check_positive_dim(L, fn, "the number of logits L") < 0) {
-        return NULL;
-    }
-    if (tb != NULL && wb == NULL) {
-        PyErr_Format(PyExc_ValueError, "%s: weight_b is required with teacher_logits_b", fn);
-        return NULL;
-    }
-    if (!(ts > 0.0 && ts < 1e6)) {
-        bad_scalar(fn, "student_temp", "a finite number > 0", ts);
-        return NULL;
-    }
-    if (!(tta > 0.0 && tta < 1e6)) {
-        bad_scalar(fn, "teacher_temp", "a finite number > 0", tta);
-        return NULL;
-    }
-    if (!(ttb > 0.0 && ttb < 1e6)) {
-        bad_scalar(fn, "teacher_temp_b", "a finite number > 0", ttb);
-        return NULL;
-    }
-    for (int i = 0; i < 2; i++) {
-        PyArrayObject *wt = i == 0 ? wa : wb;
-        if (wt != NULL) {
-            const float *wp = (const float *)PyArray_DATA(wt);
-            for (npy_intp r = 0; r < R; r++) {
-                if (wp[r] < 0.0f) {
-                    PyErr_Format(PyExc_ValueError, "%s: %s must be non-negative", fn,
-                                 i == 0 ? "weight" : "weight_b");
-                    return NULL;
-                }
-            }
-        }
-    }
-    if ((wa != NULL && check_finite(wa, fn, "weight") < 0) ||
-        (wb != NULL && check_finite(wb, fn, "weight_b") < 0) ||
-        (ca != NULL && check_finite(ca, fn, "center") < 0) ||
-        (cb != NULL && check_finite(cb, fn, "center_b") < 0)) {
-        return NULL;
-    }
+    const npy_intp R = DIM(&c, 'R'), L = DIM(&c, 'L');
     npy_intp rd[1] = {R};
     npy_intp gd[2] = {R, L};
-    PyArrayObject *la = (PyArrayObject *)PyArray_SimpleNew(1, rd, NPY_FLOAT32);
-    PyArrayObject *lb = NULL, *grad = NULL;
-    void *work = NULL;
-    if (la == NULL) {
-        goto fail;
+    PyArrayObject *loss = (PyArrayObject *)PyArray_SimpleNew(1, rd, NPY_FLOAT32);
+    PyArrayObject *grad = (PyArrayObject *)PyArray_SimpleNew(2, gd, NPY_FLOAT32);
+    if (loss == NULL || grad == NULL ||
+        run_softmax_cross_entropy("softmax_cross_entropy", "student_logits", "teacher_logits",
+                                  "teacher_logits", (float *)PyArray_DATA(loss), NULL,
+                                  (float *)PyArray_DATA(grad), F32P(&c, SX_S), F32P(&c, SX_T),
+                                  NULL, OPT_F32P(&c, SX_C), NULL, NULL, NULL, R, L, c.f[SX_TS],
+                                  c.f[SX_TT], c.f[SX_TT]) < 0) {
+        Py_XDECREF(loss);
+        Py_XDECREF(grad);
+        return NULL;
     }
-    if (tb != NULL) {
-        lb = (PyArrayObject *)PyArray_SimpleNew(1, rd, NPY_FLOAT32);
-        if (lb == NULL) {
-            goto fail;
-        }
-    }
-    if (with_grad && gout != NULL) {
-        /* Written in place: the caller's array (e.g. one view of a larger gradient). */
-        Py_INCREF(gout);
-        grad = gout;
-    } else if (with_grad) {
-        grad = (PyArrayObject *)PyArray_SimpleNew(2, gd, NPY_FLOAT32);
-        if (grad == NULL) {
-            goto fail;
-        }
-    }
-    if (R > 0) {
-        const int T = n_threads;
-        work = alloc_work(cribo_xent_workspace_size(L) * (size_t)(T < R ? T : R));
-        if (work == NULL) {
-            goto fail;
-        }
-        int status;
-        Py_BEGIN_ALLOW_THREADS
-        status = cribo_xent_forward_backward(
-            (float *)PyArray_DATA(la), lb != NULL ? (float *)PyArray_DATA(lb) : NULL,
-            grad != NULL ? (float *)PyArray_DATA(grad) : NULL, (const float *)PyArray_DATA(s),
-            (const float *)PyArray_DATA(ta), tb != NULL ? (const float *)PyArray_DATA(tb) : NULL,
-            ca != NULL ? (const float *)PyArray_DATA(ca) : NULL,
-            cb != NULL ? (const float *)PyArray_DATA(cb) : NULL,
-            wa != NULL ? (const float *)PyArray_DATA(wa) : NULL,
-            wb != NULL ? (const float *)PyArray_DATA(wb) : NULL, R, L, ts, tta, ttb, work, T);
-        Py_END_ALLOW_THREADS
-        free(work);
-        work = NULL;
-        if (status != CRIBO_OK) {
-            /* The kernel checks the logits as it scales them, so a finite logit whose
-             * quotient by the temperature leaves float32's range is reported too. */
-            PyErr_Format(PyExc_ValueError,
-                         "%s: %s must be finite, got NaN or infinity (in the input, or from a "
-                         "finite value beyond float32's range once scaled)", fn,
-                         status == CRIBO_ENONFINITE_S    ? "student_logits (divided by student_temp)"
-                         : status == CRIBO_ENONFINITE_TA ? "teacher_logits (after centring and scaling)"
-                                                         : "teacher_logits_b (after centring and scaling)");
-            goto fail;
-        }
-    }
-    return Py_BuildValue("NNN", la, lb != NULL ? (PyObject *)lb : (Py_INCREF(Py_None), Py_None),
-                         grad != NULL ? (PyObject *)grad : (Py_INCREF(Py_None), Py_None));
-
-fail:
-    free(work);
-    Py_XDECREF(la);
-    Py_XDECREF(lb);
-    Py_XDECREF(grad);
-    return NULL;
+    return Py_BuildValue("NN", loss, grad);
 }
 
-static PyObject *py_center_update(PyObject *self, PyObject *args, PyObject *kw)
+/* ------------------------------------------------------------------ update_center */
+
+enum { UC_C, UC_T, UC_M };
+static const arg_spec update_center_args[] = {
+    {"center", A_F32, "L", FINITE, 0, 0, 0, 0, NULL},
+    {"teacher_logits", A_F32, "R,L", FINITE, 0, 0, 0, 0, NULL},
+    {"momentum", S_FLOAT, NULL, OPT, 0.0, 1.0, 0.9, 0, NULL},
+};
+static const entry_spec update_center_spec = {"update_center", update_center_args,
+                                              N_OF(update_center_args), NULL};
+
+/* out = momentum * center + (1 - momentum) * mean of the R rows (center itself if R = 0). */
+static void update_center_into(float *out, const float *center, const float *x, npy_intp R,
+                               npy_intp L, double momentum)
+{
+    if (R == 0) {
+        memcpy(out, center, (size_t)L * sizeof(float));
+        return;
+    }
+    const int T = n_threads;
+    Py_BEGIN_ALLOW_THREADS
+    cribo_update_center(out, center, x, R, L, momentum, T);
+    Py_END_ALLOW_THREADS
+}
+
+static PyObject *py_update_center(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *kwlist[] = {"center", "teacher_logits", "momentum", NULL};
-    const char *fn = "update_center";
-    PyArrayObject *c, *x;
-    double m;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!d:update_center", kwlist, &PyArray_Type, &c,
-                                     &PyArray_Type, &x, &m)) {
+    call_t c;
+    if (cribo_args_check_call(&c, &update_center_spec, args, kw) < 0) {
         return NULL;
     }
-    if (CHECK_F32(x, fn, "teacher_logits", 2, "(R, L)") < 0) {
-        return NULL;
-    }
-    const npy_intp R = PyArray_DIM(x, 0), L = PyArray_DIM(x, 1);
-    if (check_opt(c, fn, "center", 1, L, 0, "(L,)") < 0) {
-        return NULL;
-    }
-    if (!(m >= 0.0 && m <= 1.0)) {
-        bad_scalar(fn, "momentum", "in [0, 1]", m);
-        return NULL;
-    }
-    if (check_finite(c, fn, "center") < 0) {
-        return NULL;
-    }
+    const npy_intp R = DIM(&c, 'R'), L = DIM(&c, 'L');
     npy_intp d[1] = {L};
     PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(1, d, NPY_FLOAT32);
     if (out == NULL) {
         return NULL;
     }
-    if (R == 0) {
-        /* No rows this step: the centre is unchanged. */
-        memcpy(PyArray_DATA(out), PyArray_DATA(c), (size_t)L * sizeof(float));
-        return (PyObject *)out;
+    update_center_into((float *)PyArray_DATA(out), F32P(&c, UC_C), F32P(&c, UC_T), R, L,
+                       c.f[UC_M]);
+    return (PyObject *)out;
+}
+
+/* ------------------------------------------------------------------ cribo_losses */
+
+enum { LS_SG, LS_TG, LS_SO, LS_TO, LS_TN, LS_M1, LS_M2, LS_CG, LS_CO, LS_TS, LS_TT, LS_TTO,
+       LS_W, LS_MOM, LS_DEN };
+static const arg_spec cribo_losses_args[] = {
+    {"student_global", A_F32, "2,B,L", 0, 0, 0, 0, 0, NULL},
+    {"teacher_global", A_F32, "2,B,L", 0, 0, 0, 0, 0, NULL},
+    {"student_objects", A_F32, "2,M,L", 0, 0, 0, 0, 0, NULL},
+    {"teacher_objects", A_F32, "2,M,L", 0, 0, 0, 0, 0, NULL},
+    {"teacher_neighbours", A_F32, "2,M,L", OPT, 0, 0, 0, 0, NULL},
+    {"mask1", A_BOOL, "M", OPT, 0, 0, 0, 0, NULL},
+    {"mask2", A_BOOL, "M", OPT, 0, 0, 0, 0, NULL},
+    {"center_global", A_F32, "L", FINITE, 0, 0, 0, 0, NULL},
+    {"center_objects", A_F32, "L", FINITE, 0, 0, 0, 0, NULL},
+    TEMP("student_temp", 0.1),
+    TEMP("teacher_temp", 0.07),
+    {"teacher_temp_objects", S_FLOAT, NULL, OPT | NONE_OK | LO_OPEN, 0.0, 1e5, 0, 0, NULL},
+    {"weights", S_FLOATS, NULL, OPT, 0.0, 1e6, 1.0, 3, "(w_global, w_objects, w_neighbours)"},
+    {"center_momentum", S_FLOAT, NULL, OPT, 0.0, 1.0, 0.9, 0, NULL},
+    {"denominators", S_INTS, NULL, OPT | NONE_OK, 0, 4611686018427387904.0, 0, 4, "(B, M, Z1, Z2)"},
+};
+static const letter_doc cribo_losses_nonempty[] = {
+    {'B', "the batch size B"}, {'L', "the number of logits L"}, {0, NULL}};
+static const entry_spec cribo_losses_spec = {"cribo_losses", cribo_losses_args,
+                                             N_OF(cribo_losses_args), cribo_losses_nonempty};
+
+static double sum_f64(const float *x, npy_intp n)
+{
+    double s = 0.0;
+    for (npy_intp i = 0; i < n; i++) {
+        s += (double)x[i];
     }
-    if (check_finite(x, fn, "teacher_logits") < 0) {
-        Py_DECREF(out);
+    return s;
+}
+
+static PyObject *py_cribo_losses(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    const char *fn = "cribo_losses";
+    call_t c;
+    if (cribo_args_check_call(&c, &cribo_losses_spec, args, kw) < 0) {
         return NULL;
     }
-    const int T = n_threads;
-    Py_BEGIN_ALLOW_THREADS
-    cribo_center_update((float *)PyArray_DATA(out), (const float *)PyArray_DATA(c),
-                        (const float *)PyArray_DATA(x), R, L, m, T);
-    Py_END_ALLOW_THREADS
-    return (PyObject *)out;
+    const npy_intp B = DIM(&c, 'B'), M = DIM(&c, 'M'), L = DIM(&c, 'L');
+    const npy_bool *masks[2] = {
+        c.arr[LS_M1] != NULL ? (const npy_bool *)PyArray_DATA(c.arr[LS_M1]) : NULL,
+        c.arr[LS_M2] != NULL ? (const npy_bool *)PyArray_DATA(c.arr[LS_M2]) : NULL};
+    npy_intp Z[2] = {M, M};
+    for (int v = 0; v < 2; v++) {
+        if (masks[v] != NULL) {
+            Z[v] = 0;
+            for (npy_intp j = 0; j < M; j++) {
+                Z[v] += masks[v][j] != 0;
+            }
+        }
+    }
+    long long B_den = B, M_den = M, Zd[2] = {Z[0], Z[1]};
+    if (c.obj[LS_DEN] != NULL) {
+        const long long *d = c.is[LS_DEN];
+        if (d[0] < B || d[1] < M || d[2] < Z[0] || d[3] < Z[1]) {
+            PyErr_Format(cribo_args_ValueError, "%s: denominators (%lld, %lld, %lld, %lld) must be at "
+                         "least this call's counts (B=%zd, M=%zd, Z1=%zd, Z2=%zd)", fn, d[0], d[1],
+                         d[2], d[3], (Py_ssize_t)B, (Py_ssize_t)M, (Py_ssize_t)Z[0],
+                         (Py_ssize_t)Z[1]);
+            return NULL;
+        }
+        B_den = d[0];
+        M_den = d[1];
+        Zd[0] = d[2];
+        Zd[1] = d[3];
+    }
+    const double ts = c.f[LS_TS], tt = c.f[LS_TT];
+    const double tto = c.obj[LS_TTO] != NULL ? c.f[LS_TTO] : tt;
+    const double w_g = c.fs[LS_W][0], w_o = c.fs[LS_W][1], w_nn = c.fs[LS_W][2];
+    const float *sg = F32P(&c, LS_SG), *tg = F32P(&c, LS_TG), *so = F32P(&c, LS_SO);
+    const float *to = F32P(&c, LS_TO), *tn = OPT_F32P(&c, LS_TN);
+    const float *cg = F32P(&c, LS_CG), *co = F32P(&c, LS_CO);
+
+    npy_intp gdims[3] = {2, B, L}, odims[3] = {2, M, L}, cdims[1] = {L};
+    PyArrayObject *grad_g = (PyArrayObject *)PyArray_SimpleNew(3, gdims, NPY_FLOAT32);
+    PyArrayObject *grad_o = (PyArrayObject *)PyArray_SimpleNew(3, odims, NPY_FLOAT32);
+    PyArrayObject *new_cg = (PyArrayObject *)PyArray_SimpleNew(1, cdims, NPY_FLOAT32);
+    PyArrayObject *new_co = (PyArrayObject *)PyArray_SimpleNew(1, cdims, NPY_FLOAT32);
+    const npy_intp rows = B > M ? B : M;
+    float *la = (float *)malloc((size_t)(rows + 1) * sizeof(float));
+    float *lb = (float *)malloc((size_t)(rows + 1) * sizeof(float));
+    float *wa = (float *)malloc((size_t)(rows + 1) * sizeof(float));
+    float *wb = (float *)malloc((size_t)(rows + 1) * sizeof(float));
+    float *gathered = NULL;
+    if (grad_g == NULL || grad_o == NULL || new_cg == NULL || new_co == NULL) {
+        goto fail;
+    }
+    if (la == NULL || lb == NULL || wa == NULL || wb == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    /* Global: student view 2 learns from teacher view 1 and vice versa. */
+    float *gg = (float *)PyArray_DATA(grad_g), *go = (float *)PyArray_DATA(grad_o);
+    double l_g = 0.0, l_o = 0.0, l_nn = 0.0;
+    for (npy_intp r = 0; r < B; r++) {
+        wa[r] = (float)(w_g / (double)B_den);
+    }
+    for (int v = 0; v < 2; v++) {
+        if (run_softmax_cross_entropy(fn, "student_global", "teacher_global", "teacher_global",
+                                      la, NULL, gg + (1 - v) * B * L, sg + (1 - v) * B * L,
+                                      tg + v * B * L, NULL, cg, NULL, wa, NULL, B, L, ts, tt,
+                                      tt) < 0) {
+            goto fail;
+        }
+        l_g += sum_f64(la, B) / (double)B_den;
+    }
+    /* Objects: student view 2 row j learns from teacher view 1 row j (L_o) and from the
+     * neighbour of view 1 (L_nn, where mask1[j]); symmetrically for view 1. */
+    if (M > 0) {
+        for (npy_intp r = 0; r < M; r++) {
+            wa[r] = (float)(w_o / (double)M_den);
+        }
+        for (int v = 0; v < 2; v++) {
+            const npy_bool *mask = masks[v];
+            const int use_nn = tn != NULL && Z[v] > 0;
+            const float *s_rows = so + (1 - v) * M * L, *n_rows = use_nn ? tn + v * M * L : NULL;
+            if (use_nn) {
+                for (npy_intp r = 0; r < M; r++) {
+                    wb[r] = (mask == NULL || mask[r]) ? (float)(w_nn / (double)Zd[v]) : 0.0f;
+                }
+            }
+            if (run_softmax_cross_entropy(fn, "student_objects", "teacher_objects",
+                                          "teacher_neighbours", la, use_nn ? lb : NULL,
+                                          go + (1 - v) * M * L, s_rows, to + v * M * L, n_rows,
+                                          co, use_nn ? co : NULL, wa, use_nn ? wb : NULL, M, L,
+                                          ts, tto, tto) < 0) {
+                goto fail;
+            }
+            l_o += sum_f64(la, M) / (double)M_den;
+            if (!use_nn) {
+                continue;
+            }
+            if (w_nn != 0.0) {
+                double s = 0.0;
+                for (npy_intp r = 0; r < M; r++) {
+                    s += (mask == NULL || mask[r]) ? (double)lb[r] : 0.0;
+                }
+                l_nn += s / (double)Zd[v];
+                continue;
+            }
+            /* Weight 0 skips the neighbour part of every row; the term is still reported,
+             * from the masked rows alone (the others are never read). */
+            gathered = (float *)malloc((size_t)(2 * Z[v] * L) * sizeof(float));
+            if (gathered == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+            npy_intp z = 0;
+            for (npy_intp r = 0; r < M; r++) {
+                if (mask == NULL || mask[r]) {
+                    memcpy(gathered + z * L, s_rows + r * L, (size_t)L * sizeof(float));
+                    memcpy(gathered + (Z[v] + z) * L, n_rows + r * L, (size_t)L * sizeof(float));
+                    z++;
+                }
+            }
+            if (run_softmax_cross_entropy(fn, "student_objects", "teacher_neighbours",
+                                          "teacher_neighbours", lb, NULL, NULL, gathered,
+                                          gathered + Z[v] * L, NULL, co, NULL, NULL, NULL, Z[v],
+                                          L, ts, tto, tto) < 0) {
+                goto fail;
+            }
+            free(gathered);
+            gathered = NULL;
+            l_nn += sum_f64(lb, Z[v]) / (double)Zd[v];
+        }
+    }
+    update_center_into((float *)PyArray_DATA(new_cg), cg, tg, 2 * B, L, c.f[LS_MOM]);
+    update_center_into((float *)PyArray_DATA(new_co), co, to, 2 * M, L, c.f[LS_MOM]);
+    free(la);
+    free(lb);
+    free(wa);
+    free(wb);
+    const double total = w_g * l_g + w_o * l_o + w_nn * l_nn;
+    return Py_BuildValue("ddddNNNNnn", total, l_g, l_o, l_nn, grad_g, grad_o, new_cg, new_co,
+                         (Py_ssize_t)Z[0], (Py_ssize_t)Z[1]);
+
+fail:
+    free(la);
+    free(lb);
+    free(wa);
+    free(wb);
+    free(gathered);
+    Py_XDECREF(grad_g);
+    Py_XDECREF(grad_o);
+    Py_XDECREF(new_cg);
+    Py_XDECREF(new_co);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ ObjectQueue */
+
+/* The rules of cribo.ObjectQueue's arguments; the queue itself is NumPy (cribo/ops/queue.py).
+ * `dim` (or `queue_dim`) is the queue's own width, passed by the method. */
+
+static const arg_spec object_queue_args[] = {
+    {"capacity", S_INT, NULL, 0, 1, INTMAX, 0, 0, NULL},
+    {"dim", S_INT, NULL, 0, 1, INTMAX, 0, 0, NULL},
+};
+static const entry_spec object_queue_spec = {"ObjectQueue", object_queue_args, 2, NULL};
+
+static PyObject *py_object_queue(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    call_t c;
+    if (cribo_args_check_call(&c, &object_queue_spec, args, kw) < 0) {
+        return NULL;
+    }
+    return Py_BuildValue("LL", c.i[0], c.i[1]);
+}
+
+/* counts (argument k) sum to `total` objects. */
+static int check_counts_sum(const call_t *c, int k, npy_intp total)
+{
+    const int64_t *x = I64P(c, k);
+    long long s = 0;
+    for (npy_intp i = 0; i < PyArray_SIZE(c->arr[k]); i++) {
+        s += (long long)x[i];
+    }
+    if (s != (long long)total) {
+        PyErr_Format(cribo_args_ValueError, "%s: %s must sum to the number of objects %zd, got %lld",
+                     c->e->fn, c->e->args[k].name, (Py_ssize_t)total, s);
+        return -1;
+    }
+    return 0;
+}
+
+enum { QP_O1, QP_O2, QP_COUNTS, QP_IDS, QP_DIM };
+static const arg_spec queue_push_args[] = {
+    {"objects1", A_F32, "M,d", FINITE, 0, 0, 0, 0, NULL},
+    {"objects2", A_F32, "M,d", FINITE, 0, 0, 0, 0, NULL},
+    {"counts", A_I64, "B", 0, 0, 0, 0, 0, NULL},
+    {"image_ids", A_I64, "B", OPT, 0, 0, 0, 0, NULL},
+    {"dim", S_INT, "d", 0, 1, INTMAX, 0, 0, NULL},
+};
+static const entry_spec queue_push_spec = {"ObjectQueue.push", queue_push_args,
+                                           N_OF(queue_push_args), NULL};
+
+static PyObject *py_queue_push(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    call_t c;
+    if (cribo_args_check_call(&c, &queue_push_spec, args, kw) < 0 ||
+        cribo_args_check_at_least(&c, QP_COUNTS, 0, "non-negative") < 0 ||
+        check_counts_sum(&c, QP_COUNTS, DIM(&c, 'M')) < 0 ||
+        cribo_args_check_at_least(&c, QP_IDS, 0, "non-negative") < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+enum { QM_O1, QM_O2, QM_IDS, QM_B1, QM_B2, QM_OFFSET, QM_DIM };
+static const arg_spec queue_match_args[] = {
+    {"objects1", A_F32, "M,d", FINITE, 0, 0, 0, 0, NULL},
+    {"objects2", A_F32, "M,d", FINITE, 0, 0, 0, 0, NULL},
+    {"image_ids", A_I64, "M", OPT, 0, 0, 0, 0, NULL},
+    {"batch[0]", A_F32, "P,d", OPT | FINITE, 0, 0, 0, 0, NULL},
+    {"batch[1]", A_F32, "P,d", OPT | FINITE, 0, 0, 0, 0, NULL},
+    {"offset", S_INT, NULL, OPT | NONE_OK, 0, 4611686018427387904.0, 0, 0, NULL},
+    {"dim", S_INT, "d", 0, 1, INTMAX, 0, 0, NULL},
+};
+static const entry_spec queue_match_spec = {"ObjectQueue.match", queue_match_args,
+                                            N_OF(queue_match_args), NULL};
+
+static PyObject *py_queue_match(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    call_t c;
+    if (cribo_args_check_call(&c, &queue_match_spec, args, kw) < 0 ||
+        cribo_args_check_at_least(&c, QM_IDS, 0, "non-negative") < 0) {
+        return NULL;
+    }
+    if ((c.arr[QM_B1] == NULL) != (c.arr[QM_B2] == NULL)) {
+        PyErr_SetString(cribo_args_ValueError, "ObjectQueue.match: batch must be two arrays "
+                        "(all_objects1, all_objects2)");
+        return NULL;
+    }
+    const npy_intp M = DIM(&c, 'M'), P = DIM(&c, 'P');
+    if (c.arr[QM_B1] != NULL && c.i[QM_OFFSET] + M > P) {
+        PyErr_Format(cribo_args_ValueError, "ObjectQueue.match: batch must be two arrays holding the "
+                     "queries at rows %lld..%lld (offset..offset + M), got %zd rows",
+                     c.i[QM_OFFSET], c.i[QM_OFFSET] + (long long)M, (Py_ssize_t)P);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+enum { QL_CAPACITY, QL_DIM, QL_O1, QL_O2, QL_OIDS, QL_COUNTS, QL_IIDS, QL_QDIM };
+static const arg_spec queue_load_args[] = {
+    {"capacity", S_INT, NULL, 0, 1, INTMAX, 0, 0, NULL},
+    {"dim", S_INT, "d", 0, 1, INTMAX, 0, 0, NULL},
+    {"objects1", A_F32, "M,d", FINITE, 0, 0, 0, 0, NULL},
+    {"objects2", A_F32, "M,d", FINITE, 0, 0, 0, 0, NULL},
+    {"object_ids", A_I64, "M", 0, 0, 0, 0, 0, NULL},
+    {"image_counts", A_I64, "I", 0, 0, 0, 0, 0, NULL},
+    {"image_ids", A_I64, "I", 0, 0, 0, 0, 0, NULL},
+    {"queue_dim", S_INT, NULL, 0, 1, INTMAX, 0, 0, NULL},
+};
+static const entry_spec queue_load_spec = {"ObjectQueue.load_state_dict", queue_load_args,
+                                           N_OF(queue_load_args), NULL};
+
+static PyObject *py_queue_load_state_dict(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    const char *fn = "ObjectQueue.load_state_dict";
+    call_t c;
+    if (cribo_args_check_call(&c, &queue_load_spec, args, kw) < 0) {
+        return NULL;
+    }
+    if (c.i[QL_DIM] != c.i[QL_QDIM]) {
+        PyErr_Format(cribo_args_ValueError, "%s: state has dim %lld, this queue %lld", fn,
+                     c.i[QL_DIM], c.i[QL_QDIM]);
+        return NULL;
+    }
+    if (cribo_args_check_at_least(&c, QL_COUNTS, 0, "non-negative") < 0 ||
+        check_counts_sum(&c, QL_COUNTS, DIM(&c, 'M')) < 0 ||
+        cribo_args_check_at_least(&c, QL_IIDS, -1, "non-negative (or -1: unknown)") < 0) {
+        return NULL;
+    }
+    /* object_ids must repeat each image id image_counts times. */
+    const int64_t *oid = I64P(&c, QL_OIDS), *cnt = I64P(&c, QL_COUNTS), *iid = I64P(&c, QL_IIDS);
+    npy_intp j = 0;
+    for (npy_intp i = 0; i < DIM(&c, 'I'); i++) {
+        for (int64_t n = 0; n < cnt[i]; n++, j++) {
+            if (oid[j] != iid[i]) {
+                PyErr_Format(cribo_args_ValueError, "%s: object_ids do not agree with image_ids and "
+                             "image_counts (object %zd is %lld, its image %lld)", fn,
+                             (Py_ssize_t)j, (long long)oid[j], (long long)iid[i]);
+                return NULL;
+            }
+        }
+    }
+    if (DIM(&c, 'I') > c.i[QL_CAPACITY]) {
+        PyErr_Format(cribo_args_ValueError, "%s: state holds %zd images for capacity %lld", fn,
+                     (Py_ssize_t)DIM(&c, 'I'), c.i[QL_CAPACITY]);
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------ module */
 
+#define KW(f) (PyCFunction)(void (*)(void))(f), METH_VARARGS | METH_KEYWORDS
 static PyMethodDef methods[] = {
-    {"set_num_threads", (PyCFunction)py_set_num_threads, METH_VARARGS,
-     "set_num_threads(n)"},
+    {"set_num_threads", KW(py_set_num_threads), "set_num_threads(n)"},
     {"get_num_threads", (PyCFunction)py_get_num_threads, METH_NOARGS, "get_num_threads()"},
-    {"cluster", (PyCFunction)(void (*)(void))py_cluster, METH_VARARGS | METH_KEYWORDS,
-     "cluster(tokens, positions, init, pos_weight, sinkhorn_lambda, sinkhorn_iters, n_iters, "
-     "update_marginals, return_plan) -> (labels, counts, plan)"},
-    {"pool", (PyCFunction)(void (*)(void))py_pool, METH_VARARGS | METH_KEYWORDS,
-     "pool(tokens, labels, n_clusters) -> objects"},
-    {"pool_backward", (PyCFunction)(void (*)(void))py_pool_backward,
-     METH_VARARGS | METH_KEYWORDS, "pool_backward(grad_objects, labels, n_clusters) -> dtokens"},
-    {"pool_soft", (PyCFunction)(void (*)(void))py_pool_soft, METH_VARARGS | METH_KEYWORDS,
-     "pool_soft(tokens, weights) -> objects"},
-    {"pool_soft_backward", (PyCFunction)(void (*)(void))py_pool_soft_backward,
-     METH_VARARGS | METH_KEYWORDS, "pool_soft_backward(grad_objects, weights) -> dtokens"},
-    {"topk_cosine", (PyCFunction)(void (*)(void))py_topk_cosine, METH_VARARGS | METH_KEYWORDS,
-     "topk_cosine(queries, bank, k, query_ids=None, bank_ids=None) -> (indices, similarities)"},
-    {"softmax_cross_entropy", (PyCFunction)(void (*)(void))py_xent,
-     METH_VARARGS | METH_KEYWORDS,
-     "softmax_cross_entropy(student_logits, teacher_logits, teacher_logits_b=None, center=None, "
-     "center_b=None, weight=None, weight_b=None, student_temp=0.1, teacher_temp=0.07, "
-     "teacher_temp_b=0.07, with_grad=True, grad_out=None) -> (losses, losses_b, grad)"},
-    {"update_center", (PyCFunction)(void (*)(void))py_center_update,
-     METH_VARARGS | METH_KEYWORDS, "update_center(center, teacher_logits, momentum) -> center"},
+    {"draw_init", KW(py_draw_init),
+     "draw_init(n_images, n_tokens, n_clusters, seed=0, draw) -> draw(...)"},
+    {"cluster", KW(py_cluster),
+     "cluster(tokens, positions, n_clusters, pos_weight=2.0, sinkhorn_lambda=20.0, "
+     "sinkhorn_iters=5, n_iters=5, update_marginals=True, seed=0, init=None, return_plan=False, "
+     "draw=None) -> (labels, counts, plan, init)"},
+    {"pool", KW(py_pool), "pool(tokens, labels, n_clusters) -> objects"},
+    {"pool_backward", KW(py_pool_backward),
+     "pool_backward(grad_objects, labels, n_clusters) -> grad_tokens"},
+    {"pool_soft", KW(py_pool_soft), "pool_soft(tokens, weights, n_clusters=None) -> objects"},
+    {"pool_soft_backward", KW(py_pool_soft_backward),
+     "pool_soft_backward(grad_objects, weights, n_clusters=None) -> grad_tokens"},
+    {"topk_cosine", KW(py_topk_cosine),
+     "topk_cosine(queries, bank, k=1, query_ids=None, bank_ids=None) -> (indices, similarities)"},
+    {"softmax_cross_entropy", KW(py_softmax_cross_entropy),
+     "softmax_cross_entropy(student_logits, teacher_logits, center=None, student_temp=0.1, "
+     "teacher_temp=0.07) -> (losses, grad)"},
+    {"update_center", KW(py_update_center),
+     "update_center(center, teacher_logits, momentum=0.9) -> center"},
+    {"ObjectQueue", KW(py_object_queue), "ObjectQueue(capacity, dim) -> (capacity, dim)"},
+    {"ObjectQueue_push", KW(py_queue_push),
+     "ObjectQueue_push(objects1, objects2, counts, image_ids=None, dim) -> None (checks)"},
+    {"ObjectQueue_match", KW(py_queue_match),
+     "ObjectQueue_match(objects1, objects2, image_ids=None, batch[0]=None, batch[1]=None, "
+     "offset=0, dim) -> None (checks)"},
+    {"ObjectQueue_load_state_dict", KW(py_queue_load_state_dict),
+     "ObjectQueue_load_state_dict(capacity, dim, objects1, objects2, object_ids, image_counts, "
+     "image_ids, queue_dim) -> None (checks)"},
+    {"cribo_losses", KW(py_cribo_losses),
+     "cribo_losses(student_global, teacher_global, student_objects, teacher_objects, "
+     "teacher_neighbours=None, mask1=None, mask2=None, center_global, center_objects, "
+     "student_temp=0.1, teacher_temp=0.07, teacher_temp_objects=None, weights=(1, 1, 1), "
+     "center_momentum=0.9, denominators=None) -> (total, global, objects, neighbours, "
+     "grad_global, grad_objects, center_global, center_objects, n_pairs1, n_pairs2)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "cribo._C",
-    .m_doc = "C kernels of cribo; use cribo.ops (validated, documented) instead.",
+    .m_doc = "C kernels of cribo and the rules of their arguments; use cribo.ops (documented).",
     .m_size = -1,
     .m_methods = methods,
 };
@@ -859,5 +965,37 @@ PyMODINIT_FUNC PyInit__C(void)
     /* Parallelism is ours (static splits over images and rows); BLAS is called
      * from inside those threads and must not start threads of its own. */
     blas_set_num_threads(1);
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    cribo_args_ValueError = PyErr_NewExceptionWithDoc(
+        "cribo._C.ArgumentError",
+        "An argument of a cribo operator breaks its rule (shape, range, finiteness, ...); "
+        "the message names the function, the argument and what was expected.",
+        PyExc_ValueError, NULL);
+    cribo_args_TypeError = PyErr_NewExceptionWithDoc(
+        "cribo._C.ArgumentTypeError",
+        "An argument of a cribo operator has the wrong type (dtype, a number, an array); "
+        "the message names the function, the argument and what was expected.",
+        PyExc_TypeError, NULL);
+    if (cribo_args_ValueError == NULL || cribo_args_TypeError == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* PyModule_AddObject steals a reference on success (Python 3.9 lacks AddObjectRef);
+     * the globals keep their own. */
+    Py_INCREF(cribo_args_ValueError);
+    if (PyModule_AddObject(m, "ArgumentError", cribo_args_ValueError) < 0) {
+        Py_DECREF(cribo_args_ValueError);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(cribo_args_TypeError);
+    if (PyModule_AddObject(m, "ArgumentTypeError", cribo_args_TypeError) < 0) {
+        Py_DECREF(cribo_args_TypeError);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

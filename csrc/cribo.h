@@ -3,7 +3,7 @@
  * One file per operator family, one per section of docs/method.md:
  *   cluster.c    §2  joint-space clustering (positional cost, log-domain Sinkhorn)
  *   pool.c       §3  object pooling, forward and backward, hard and soft
- *   bootstrap.c  §4  blocked top-k cosine search (the queue look-up, dense evaluation)
+ *   queue.c      §4  blocked top-k cosine search (the queue look-up, dense evaluation)
  *   loss.c       §5  fused softmax cross-entropy + gradient, centre update
  *   parallel.c       static row/image splits over pthreads
  *
@@ -29,7 +29,7 @@
 
 #define CRIBO_OK 0
 #define CRIBO_ENONFINITE 1    /* an input held NaN or +-inf */
-#define CRIBO_ENONFINITE_S 2  /* ... the student logits (cribo_xent_forward_backward) */
+#define CRIBO_ENONFINITE_S 2  /* ... the student logits (cribo_softmax_cross_entropy) */
 #define CRIBO_ENONFINITE_TA 3 /* ... teacher a (scaled by its temperature) */
 #define CRIBO_ENONFINITE_TB 4 /* ... teacher b */
 
@@ -79,14 +79,14 @@ void cribo_cluster(int64_t *labels, int64_t *counts, float *plan,
  *   labels (B, 2, N)     cluster in [0, K), or -1 for a token in no cluster
  *   work   n_threads * cribo_pool_workspace_size(D, K) bytes */
 size_t cribo_pool_workspace_size(int64_t D, int64_t K);
-void cribo_pool_forward(float *out, const float *tokens, const int64_t *labels,
+void cribo_pool(float *out, const float *tokens, const int64_t *labels,
                         int64_t B, int64_t N, int64_t D, int64_t K,
                         void *work, int n_threads);
 
-/* Backward of cribo_pool_forward w.r.t. tokens.
+/* Backward of cribo_pool w.r.t. tokens.
  *   dtokens (B, 2, N, D)  overwritten: dout[b, i, labels[b, i, n]] / count, 0 for -1
  *   dout    (B, 2, K, D)
- *   work    as for cribo_pool_forward */
+ *   work    as for cribo_pool */
 void cribo_pool_backward(float *dtokens, const float *dout, const int64_t *labels,
                          int64_t B, int64_t N, int64_t D, int64_t K,
                          void *work, int n_threads);
@@ -100,17 +100,17 @@ void cribo_pool_backward(float *dtokens, const float *dout, const int64_t *label
  *   work    n_threads * cribo_pool_soft_workspace_size(N, K) bytes (Qhat of one view
  *           and its column sums) */
 size_t cribo_pool_soft_workspace_size(int64_t N, int64_t K);
-void cribo_pool_soft_forward(float *out, const float *tokens, const float *weights,
+void cribo_pool_soft(float *out, const float *tokens, const float *weights,
                              int64_t B, int64_t N, int64_t D, int64_t K,
                              void *work, int n_threads);
 
-/* Backward of cribo_pool_soft_forward w.r.t. tokens: dtokens = Qhat @ dout.
+/* Backward of cribo_pool_soft w.r.t. tokens: dtokens = Qhat @ dout.
  *   dtokens (B, 2, N, D) overwritten;  dout (B, 2, K, D) */
 void cribo_pool_soft_backward(float *dtokens, const float *dout, const float *weights,
                               int64_t B, int64_t N, int64_t D, int64_t K,
                               void *work, int n_threads);
 
-/* ----------------------------------------------------------------- bootstrap.c */
+/* ----------------------------------------------------------------- queue.c */
 
 /* The bank is searched in blocks of CRIBO_TOPK_BROWS rows, the queries in chunks of
  * CRIBO_TOPK_QROWS; each is copied L2-normalised first and one sgemm per tile gives
@@ -126,7 +126,7 @@ size_t cribo_topk_workspace_size(int64_t M, int64_t D, int64_t k, int n_threads)
 
 /* E(D): a bound on |float sgemm similarity of the normalised copies - exact score|
  * for rows of length D, valid for any BLAS kernel (summation order, blocking, FMA);
- * +inf where no bound holds (D > 2^23).  Derivation in bootstrap.c. */
+ * +inf where no bound holds (D > 2^23).  Derivation in queue.c. */
 double cribo_topk_error_bound(int64_t D);
 
 /* k most cosine-similar bank rows of each query, ranked exactly:
@@ -167,11 +167,11 @@ int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const floa
  *   ca, cb    (L)          centres, may be NULL (zero)
  *   wa, wb    (R)          per-row gradient weights, may be NULL (1 for a, 0 for b);
  *                          a row with wb[r] == 0 does not read tb[r]
- *   work      n_threads * cribo_xent_workspace_size(L) bytes
+ *   work      n_threads * cribo_softmax_cross_entropy_workspace_size(L) bytes
  * Returns CRIBO_ENONFINITE_S / _TA / _TB naming the first input (in the lowest
  * failing row of the first failing thread) whose scaled logits are not finite. */
-size_t cribo_xent_workspace_size(int64_t L);
-int cribo_xent_forward_backward(float *loss_a, float *loss_b, float *grad,
+size_t cribo_softmax_cross_entropy_workspace_size(int64_t L);
+int cribo_softmax_cross_entropy(float *loss_a, float *loss_b, float *grad,
                                 const float *s, const float *ta, const float *tb,
                                 const float *ca, const float *cb,
                                 const float *wa, const float *wb,
@@ -182,7 +182,7 @@ int cribo_xent_forward_backward(float *loss_a, float *loss_b, float *grad,
 /* Column means of x (R, L) accumulated in double, parallel over columns:
  *   out (L) = momentum * center + (1 - momentum) * mean_r x[r]
  * (center may be NULL: treated as zero).  R >= 1. */
-void cribo_center_update(float *out, const float *center, const float *x,
+void cribo_update_center(float *out, const float *center, const float *x,
                          int64_t R, int64_t L, double momentum, int n_threads);
 
 #endif /* CRIBO_H */

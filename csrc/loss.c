@@ -16,7 +16,7 @@
 #include "workspace.h"
 #include "vmath.h"
 
-size_t cribo_xent_workspace_size(int64_t L)
+size_t cribo_softmax_cross_entropy_workspace_size(int64_t L)
 {
     return 3 * cribo_align64((size_t)L * sizeof(float));
 }
@@ -37,7 +37,7 @@ typedef struct {
     char *work;
     size_t ws;
     int bad[256];
-} xent_job;
+} softmax_cross_entropy_job;
 
 /* Pass 1 for one row: x[l] = (t[l] - c[l]) * a (c may be NULL: zero) and its
  * maximum in *max_out; returns 1 if every x[l] is finite. */
@@ -137,9 +137,9 @@ static void write_grad(float *g, const float *es, const float *ea, const float *
     }
 }
 
-static void xent_task(void *ctx, int64_t begin, int64_t end, int tid)
+static void softmax_cross_entropy_task(void *ctx, int64_t begin, int64_t end, int tid)
 {
-    xent_job *job = (xent_job *)ctx;
+    softmax_cross_entropy_job *job = (softmax_cross_entropy_job *)ctx;
     const int64_t L = job->L;
     char *base = job->work + (size_t)tid * job->ws;
     float *xs = (float *)base;
@@ -188,7 +188,7 @@ static void xent_task(void *ctx, int64_t begin, int64_t end, int tid)
     }
 }
 
-int cribo_xent_forward_backward(float *loss_a, float *loss_b, float *grad,
+int cribo_softmax_cross_entropy(float *loss_a, float *loss_b, float *grad,
                                 const float *s, const float *ta, const float *tb,
                                 const float *ca, const float *cb,
                                 const float *wa, const float *wb,
@@ -197,7 +197,7 @@ int cribo_xent_forward_backward(float *loss_a, float *loss_b, float *grad,
                                 void *work, int n_threads)
 {
     int T = n_threads < 1 ? 1 : (n_threads > 256 ? 256 : n_threads);
-    xent_job job;
+    softmax_cross_entropy_job job;
     memset(&job, 0, sizeof job);
     job.loss_a = loss_a;
     job.loss_b = loss_b;
@@ -214,8 +214,8 @@ int cribo_xent_forward_backward(float *loss_a, float *loss_b, float *grad,
     job.inv_a = 1.0 / temp_a;
     job.inv_b = 1.0 / temp_b;
     job.work = (char *)work;
-    job.ws = cribo_xent_workspace_size(L);
-    cribo_parallel_for(R, T, xent_task, &job);
+    job.ws = cribo_softmax_cross_entropy_workspace_size(L);
+    cribo_parallel_for(R, T, softmax_cross_entropy_task, &job);
     for (int t = 0; t < T; t++) {
         if (job.bad[t]) {
             return job.bad[t];
@@ -264,7 +264,7 @@ static void center_task(void *ctx, int64_t begin, int64_t end, int tid)
     }
 }
 
-void cribo_center_update(float *out, const float *center, const float *x,
+void cribo_update_center(float *out, const float *center, const float *x,
                          int64_t R, int64_t L, double momentum, int n_threads)
 {
     center_job job = {out, center, x, R, L, momentum};

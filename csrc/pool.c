@@ -38,7 +38,7 @@ static void count_members(int64_t *cnt, const int64_t *lab, int64_t N, int64_t K
     }
 }
 
-static void pool_forward_task(void *ctx, int64_t begin, int64_t end, int tid)
+static void pool_task(void *ctx, int64_t begin, int64_t end, int tid)
 {
     pool_job *job = (pool_job *)ctx;
     const int64_t N = job->N, D = job->D, K = job->K;
@@ -70,13 +70,13 @@ static void pool_forward_task(void *ctx, int64_t begin, int64_t end, int tid)
     }
 }
 
-void cribo_pool_forward(float *out, const float *tokens, const int64_t *labels,
+void cribo_pool(float *out, const float *tokens, const int64_t *labels,
                         int64_t B, int64_t N, int64_t D, int64_t K,
                         void *work, int n_threads)
 {
     pool_job job = {out, tokens, labels, NULL, N, D, K, (char *)work,
                     cribo_pool_workspace_size(D, K)};
-    cribo_parallel_for(2 * B, n_threads, pool_forward_task, &job);
+    cribo_parallel_for(2 * B, n_threads, pool_task, &job);
 }
 
 static void pool_backward_task(void *ctx, int64_t begin, int64_t end, int tid)
@@ -147,7 +147,7 @@ static void normalized_weights(float *qhat, double *colinv, const float *w, int6
     }
 }
 
-static void pool_soft_forward_task(void *ctx, int64_t begin, int64_t end, int tid)
+static void pool_soft_task(void *ctx, int64_t begin, int64_t end, int tid)
 {
     pool_job *job = (pool_job *)ctx;
     const int64_t N = job->N, D = job->D, K = job->K;
@@ -165,13 +165,13 @@ static void pool_soft_forward_task(void *ctx, int64_t begin, int64_t end, int ti
     }
 }
 
-void cribo_pool_soft_forward(float *out, const float *tokens, const float *weights,
+void cribo_pool_soft(float *out, const float *tokens, const float *weights,
                              int64_t B, int64_t N, int64_t D, int64_t K,
                              void *work, int n_threads)
 {
     pool_job job = {out, tokens, NULL, weights, N, D, K, (char *)work,
                     cribo_pool_soft_workspace_size(N, K)};
-    cribo_parallel_for(2 * B, n_threads, pool_soft_forward_task, &job);
+    cribo_parallel_for(2 * B, n_threads, pool_soft_task, &job);
 }
 
 static void pool_soft_backward_task(void *ctx, int64_t begin, int64_t end, int tid)

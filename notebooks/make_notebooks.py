@@ -80,7 +80,7 @@ flags = ["--output-dir", out, "--no-progress", "--num-workers", "0", "--no-evalu
 if TINY:
     flags += ["--epochs", "1", "--n-images", "32", "--batch-size", "16", "--embed-dim", "32",
               "--depth", "1", "--num-heads", "2", "--out-dim", "128", "--head-hidden-dim", "64",
-              "--img-size", "32", "--scene-size", "48", "--n-clusters", "6", "--queue-size", "32"]
+              "--img-size", "32", "--scene-size", "48", "--n-clusters", "6", "--queue-capacity", "32"]
 else:
     flags += ["--epochs", "3", "--n-images", "512"]
 cfg = config_from_args(flags)
@@ -121,7 +121,7 @@ if TINY:
     common += ["--epochs", "1", "--n-images", "32", "--batch-size", "16", "--embed-dim", "32",
                "--depth", "1", "--num-heads", "2", "--out-dim", "128", "--head-hidden-dim", "64",
                "--img-size", "32", "--scene-size", "48", "--n-clusters", "6",
-               "--queue-size", "32", "--eval-train-images", "16", "--eval-val-images", "8"]
+               "--queue-capacity", "32", "--eval-train-images", "16", "--eval-val-images", "8"]
     seeds = [0]
 else:
     common += ["--epochs", "3", "--n-images", "512"]

@@ -42,7 +42,7 @@ IGNORED_DIRS = {".git", ".venv", "build", "dist", "runs", "__pycache__", ".pytes
 #: Files written into the copy that is packaged; none may reach the sdist or the wheel.
 DECOYS = ("build/lib/cribo/decoy.py", "dist/cribo-0.0.0-decoy.tar.gz", "runs/decoy/log.jsonl",
           ".venv/lib/decoy.py", "cribo/_C.decoy.so", "cribo/__pycache__/decoy.cpython-311.pyc",
-          "tests/sanitize/build/decoy_harness", "csrc/decoy.o")
+          "tests/ops/sanitize/build/decoy_harness", "csrc/decoy.o")
 
 
 def repo_files() -> List[str]:
@@ -115,7 +115,7 @@ def test_sdist_holds_the_sources_and_documents_and_nothing_built(built):
     assert not missing, f"the sdist lacks {missing} (MANIFEST.in)"
     bad = sorted(n for n in names
                  if "decoy" in n or n.split("/")[0] in {"build", "dist", "runs", ".venv"}
-                 or n.startswith("tests/sanitize/build/")
+                 or n.startswith("tests/ops/sanitize/build/")
                  or n.endswith((".so", ".o", ".pyc")) or "__pycache__" in n)
     assert not bad, f"the sdist ships build outputs or environments: {bad}"
 

@@ -44,9 +44,12 @@ import platform
 import re
 import sys
 import traceback
-from typing import Any, List, NoReturn, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, NoReturn, Optional, Sequence, Tuple
 
 from .._paths import check_writable_folder
+
+if TYPE_CHECKING:
+    from ..train.config import TrainConfig
 
 __all__ = ["main", "MissingDependency"]
 
@@ -154,8 +157,9 @@ def _check_device(device: str, label: str) -> None:
                          f"CUDA device(s)")
 
 
-def _preflight_pretrain(argv: Sequence[str]) -> None:
-    """Options, data, output folder, device and packages of ``cribo pretrain``."""
+def _preflight_pretrain(argv: Sequence[str]) -> "TrainConfig":
+    """Options, data, output folder, device and packages of ``cribo pretrain``;
+    returns the configuration, parsed once here for the command."""
     from ..train.config import _config_and_origin
 
     cfg, origin = _config_and_origin(list(argv))  # --help prints and exits here
@@ -181,6 +185,7 @@ def _preflight_pretrain(argv: Sequence[str]) -> None:
                        f"of images)")
     _check_output_dir(cfg.output_dir, L("output_dir"))
     _check_device(cfg.device, L("device"))
+    return cfg
 
 
 def _preflight_evaluate(argv: Sequence[str]) -> None:
@@ -263,9 +268,10 @@ def _classify(e: BaseException) -> Tuple[int, str]:
     """(exit status, the line after 'cribo: error: ') of an exception.
 
     A ValueError/TypeError counts as the user's when cribo defines its class
-    (ConfigError, ResumeError, ...) or a ``raise`` statement of cribo's raised it;
-    one raised inside NumPy, torch or the C extension, or by a failed call in
-    cribo's own code, is a bug.
+    (ConfigError, ResumeError, the binding's ArgumentError / ArgumentTypeError for
+    a broken argument rule, ...) or a ``raise`` statement of cribo's raised it; one
+    raised inside NumPy or torch, or by a failed call in cribo's own code (a
+    binding called against its signature raises a plain TypeError), is a bug.
     """
     defined_in_cribo = type(e).__module__.split(".")[0] == "cribo"
     if isinstance(e, MissingDependency):
@@ -343,10 +349,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(argv: List[str]) -> int:
     command = argv[0] if argv else None
     if command == "pretrain":
-        _preflight_pretrain(argv[1:])
+        cfg = _preflight_pretrain(argv[1:])
         from .pretrain import main as pretrain_main
 
-        return pretrain_main(argv[1:])
+        return pretrain_main(argv[1:], cfg)
     if command == "ablate":
         _preflight_ablate(argv[1:])
         from .ablate import main as ablate_main

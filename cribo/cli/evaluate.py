@@ -217,15 +217,25 @@ def _load(option: str, path: str, a: argparse.Namespace) -> Any:
 
 
 def _pct(v: Optional[float]) -> str:
-    return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+    """A score in [0, 1] as a percentage with one decimal (the house rule); "-" if none."""
+    return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:5.1f}"
 
 
 def _table(models: Dict[str, Dict[str, Any]]) -> str:
+    """The results table: per model, the retrieval and probe scores, then the
+    per-class IoUs, all in percent with one decimal.
+
+    Args:
+        models: name -> {"retrieval": scores or None, "probe": scores or None}
+            (:class:`cribo.evaluation.SegmentationScores`: ``miou``, ``fg_iou``,
+            ``pixel_acc``, ``per_class_iou``, ``class_names``).
+    """
     cols = [("NN mIoU", "retrieval", "miou"), ("NN fg-IoU", "retrieval", "fg_iou"),
             ("NN acc", "retrieval", "pixel_acc"), ("probe mIoU", "probe", "miou"),
             ("probe fg-IoU", "probe", "fg_iou")]
     w = max(12, *(len(m) for m in models))
-    lines = [f"{'model':<{w}}  " + "  ".join(f"{c[0]:>12}" for c in cols)]
+    lines = ["scores (%):",
+             f"{'model':<{w}}  " + "  ".join(f"{c[0]:>12}" for c in cols)]
     for name, r in models.items():
         cells = [_pct(getattr(r.get(kind), key, None)) if r.get(kind) is not None else "    -"
                  for _, kind, key in cols]

@@ -3,7 +3,8 @@
 
 The training loop never imports the evaluation; this command chains the two.
 Exit statuses: 0; 1 after a divergence; 130 after Ctrl-C (with the command that
-continues).
+continues).  ``cribo`` parses the options once, in its checks before any work
+(:mod:`cribo.cli`), and hands the configuration over.
 """
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import shlex
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-import torch
-
+from .. import distributed as dist
 from ..train import (NonFiniteLoss, TrainConfig, TrainingInterrupted, config_from_args,
                      lock_folder, train)
-from ..train.loop import _is_main, _world
+from ..train.run_folder import RunFolder
 
 __all__ = ["main"]
 
@@ -29,8 +29,12 @@ def _resume_command(argv: Sequence[str], world: int) -> str:
     return cmd + (f" (launched as before, with {world} processes)" if world > 1 else "")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, cfg: Optional[TrainConfig] = None) -> int:
     """``cribo pretrain [options]``: see ``--help``.
+
+    ``cfg``: the configuration ``argv`` gives, when the caller has parsed it
+    already (``cribo``'s checks do); else it is parsed here.  ``argv`` is still
+    needed for the command that continues an interrupted run.
 
     Returns 0; 1 after a divergence (:class:`NonFiniteLoss`), having printed
     ``cribo: error: <why>``; or 130 after SIGINT, having printed one line with
@@ -38,7 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (``cribo`` prints them as one line).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_args(argv)
+    if cfg is None:
+        cfg = config_from_args(argv)
     # The folder's lock, through training and the evaluation after it.  A single
     # process takes it at once; in a distributed run rank 0 takes it inside
     # train(), once the processes have met (refused before, it would leave the
@@ -52,20 +57,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"cribo: error: {e}", file=sys.stderr)
                 return 1
             except TrainingInterrupted as e:
-                if _is_main():
-                    print(f"cribo: {e}; to continue: {_resume_command(argv, _world())}",
+                if dist.is_main():
+                    print(f"cribo: {e}; to continue: {_resume_command(argv, dist.world_size())}",
                           file=sys.stderr)
                 return 130
-            if _is_main():
+            if dist.is_main():
                 with lock_folder(cfg.output_dir):  # re-entrant for a single process
                     _report(cfg, summary)
     except KeyboardInterrupt:  # a second Ctrl-C, or one during the evaluation
-        if _is_main():
-            print(f"cribo: interrupted; {os.path.join(cfg.output_dir, 'checkpoint.pth')} holds "
-                  f"the last saved state; to continue: {_resume_command(argv, _world())}",
+        if dist.is_main():
+            print(f"cribo: interrupted; {RunFolder(cfg.output_dir).checkpoint} holds the last "
+                  f"saved state; to continue: {_resume_command(argv, dist.world_size())}",
                   file=sys.stderr)
         return 130
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if dist.initialized():
+        import torch
+
         torch.distributed.destroy_process_group()
     return 0
 

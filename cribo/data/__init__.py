@@ -6,8 +6,9 @@ module                     holds
 ``cribo.data.views``       docs/method.md §1: crop/flip/colour/blur/solarise views and
                            each patch's position in the original image
 ``cribo.data.synthetic``   :class:`SyntheticScenes`, the embedded data set
-``cribo.data.folders``     :class:`ImageFolder`, :class:`VOCSegmentation`,
-                           :func:`load_rgb` (16-bit images scaled)
+``cribo.data.folders``     :class:`ImageFolder`, :func:`load_rgb` (16-bit
+                           images scaled)
+``cribo.data.voc``         :class:`VOCSegmentation`, :func:`read_class_names`
 ``cribo.data.loader``      :class:`TwoViewDataset`, :func:`make_loader`
 =========================  ===============================================
 
@@ -23,10 +24,10 @@ module                     holds
 
 Only NumPy and Pillow are needed; torch is imported by :func:`make_loader`.
 """
-from .folders import (CLASS_LIST_FILES, IMAGE_EXTENSIONS, VOC_CLASSES, ImageFolder,
-                      ImageFolderWarning, UnreadableImageWarning, VOCSegmentation, load_rgb,
-                      read_class_names, to_rgb)
+from .folders import (IMAGE_EXTENSIONS, ImageFolder, ImageFolderWarning, UnreadableImageWarning,
+                      load_rgb, to_rgb)
 from .loader import EpochBatchSampler, TwoViewDataset, make_loader, set_epoch
+from .voc import CLASS_LIST_FILES, VOC_CLASSES, VOCSegmentation, read_class_names
 from .synthetic import CLASS_SPECS, PALETTE, SHAPES, TEXTURES, SceneObject, SyntheticScenes
 from .views import (IMAGENET_MEAN, IMAGENET_STD, Crop, TwoViewTransform, View, ViewAugment,
                     ViewTransform, color_jitter, gaussian_blur, grayscale, normalize,

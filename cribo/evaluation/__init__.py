@@ -6,7 +6,8 @@ module                             holds
 ``cribo.evaluation.metrics``       confusion matrices, mIoU / per-class /
                                    foreground IoU, :func:`paired_bootstrap`
 ``cribo.evaluation.features``      checkpoints, :func:`random_init_like`, views,
-                                   patch labels, bank sampling, :class:`Bank`
+                                   patch labels, :func:`encode`
+``cribo.evaluation.bank``          bank sampling, :class:`Bank`, :func:`build_bank`
 ``cribo.evaluation.dense``         :func:`evaluate_retrieval` (dense NN
                                    retrieval), :func:`linear_probe`
 ``cribo.evaluation.job``           the main job's evaluation and report
@@ -27,8 +28,9 @@ The feature extraction needs torch; the metrics need only NumPy.
 from .dense import (LinearProbe, ProbeResult, RetrievalResult, dense_evaluation,
                     evaluate_retrieval, knn_vote, linear_probe, train_linear_probe,
                     upsample_scores)
-from .features import (Bank, build_bank, encode, eval_size, load_backbone, patch_histograms,
-                       random_init_like, sample_patches, train_view)
+from .bank import Bank, build_bank, sample_patches
+from .features import (encode, eval_size, load_backbone, patch_histograms, random_init_like,
+                       train_view)
 from .metrics import (IGNORE_INDEX, Interval, PairedBootstrap, SegmentationScores,
                       confusion_matrix, iou_per_class, paired_bootstrap, scores_from_confusion)
 

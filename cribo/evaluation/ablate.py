@@ -30,8 +30,8 @@ VARIANTS: Dict[str, List[str]] = {
     "no_positional": ["--pos-weight-start", "0", "--pos-weight-end", "0"],
     "K8": ["--n-clusters", "8"],
     "K32": ["--n-clusters", "32"],
-    "queue256": ["--queue-size", "256"],
-    "queue4096": ["--queue-size", "4096"],
+    "queue256": ["--queue-capacity", "256"],
+    "queue4096": ["--queue-capacity", "4096"],
 }
 DEFAULT_VARIANTS = ["full", "no_cross_image", "global_only", "no_positional", "no_curriculum"]
 
@@ -50,10 +50,12 @@ def run_ablation(variants: Sequence[str], seeds: Sequence[int], output_dir: str,
     from the finished runs among ``variants`` x ``seeds`` (to combine several
     invocations, e.g. sweeps run with fewer seeds).
     """
+    from ..train.checkpoints import atomic_write_text
     from ..train.config import config_from_args
-    from . import dense_evaluation, random_init_like
-    from .job import teacher_backbone, eval_datasets
     from ..train.loop import train
+    from ..train.run_folder import RunFolder
+    from .features import random_init_like
+    from .job import eval_datasets, evaluate_backbone, teacher_backbone
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -65,34 +67,38 @@ def run_ablation(variants: Sequence[str], seeds: Sequence[int], output_dir: str,
     for seed in seeds:
         floor_file = os.path.join(output_dir, f"floor-seed{seed}.json")
         if os.path.exists(floor_file):
-            floors[seed] = json.load(open(floor_file))
+            floors[seed] = _read_json(floor_file)
         for name in variants:
             run_dir = os.path.join(output_dir, f"{name}-seed{seed}")
             cfg = config_from_args(list(extra) + VARIANTS[name] +
                                    ["--seed", str(seed), "--output-dir", run_dir,
                                     "--no-evaluate"])
-            done = os.path.join(run_dir, "eval.json")
+            done = RunFolder(run_dir).eval
             if os.path.exists(done):  # resumable: a finished (variant, seed) is kept
-                rows.setdefault(name, {})[seed] = json.load(open(done))
+                rows.setdefault(name, {})[seed] = _read_json(done)
                 continue
             if table_only:
                 continue
             print(f"== {name}, seed {seed}", flush=True)
             train(cfg)
-            train_set, val_set = eval_datasets(cfg)
-            kw = dict(k=cfg.eval_k, image_size=cfg.scene_size, seed=cfg.seed,
-                      progress=cfg.progress, keep_predictions=0)
+            data = eval_datasets(cfg)
             backbone = teacher_backbone(cfg)
-            m = _metrics(*dense_evaluation(backbone, train_set, val_set, **kw))
-            json.dump(m, open(done, "w"))
+            m = _metrics(*evaluate_backbone(cfg, backbone, data))
+            # whole or not at all: a run killed here is evaluated again next time
+            atomic_write_text(json.dumps(m), done, "the variant's scores")
             rows.setdefault(name, {})[seed] = m
             if seed not in floors:  # every variant of a seed starts from this network
-                floors[seed] = _metrics(*dense_evaluation(random_init_like(backbone, seed),
-                                                          train_set, val_set, **kw))
-                json.dump(floors[seed], open(floor_file, "w"))
+                floors[seed] = _metrics(*evaluate_backbone(
+                    cfg, random_init_like(backbone, seed), data))
+                atomic_write_text(json.dumps(floors[seed]), floor_file, "the floor's scores")
     table = _summarise(rows, floors)
     _write(table, output_dir)
     return table
+
+
+def _read_json(path: str) -> Dict[str, float]:
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def _summarise(rows: Dict[str, Dict[int, Dict[str, float]]],
@@ -158,35 +164,9 @@ def _write(table: Dict[str, Any], output_dir: str) -> None:
         json.dump(table, fh, indent=2)
     print(md)
     try:
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401  (the picture needs the plot extra; the table does not)
     except ImportError:
         return
-    # The informative picture is each variant's gain over the untrained network of
-    # the same seed (the scores themselves vary more between seeds than that).
-    gain = bool(table.get("gain"))
-    part = table["gain"] if gain else table["variants"]
-    names = list(part)
-    fig = Figure(figsize=(3 + 1.3 * len(names), 3.4), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    x = np.arange(len(names))
-    for j, (k, label) in enumerate(keys[:3]):
-        means = [100 * part[n][k]["mean"] for n in names]
-        stds = [100 * part[n][k]["std"] for n in names]
-        ax.bar(x + (j - 1) * 0.27, means, 0.27, yerr=stds, label=label, capsize=2,
-               color=f"C{j}")
-        for i, n in enumerate(names):  # every seed as a dot
-            seeds = [100 * v for v in part[n][k]["seeds"].values()]
-            ax.plot(np.full(len(seeds), x[i] + (j - 1) * 0.27), seeds, "k.", ms=3)
-    if gain:
-        ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xticks(x)
-    n_seeds = [len(part[n][keys[0][0]]["seeds"]) for n in names]
-    if len(set(n_seeds)) > 1:  # means over different seeds: say so under each bar
-        names = [f"{n} ({k} seeds)" for n, k in zip(names, n_seeds)]
-    ax.set_xticklabels(names, rotation=20, ha="right")
-    ax.set_ylabel("gain over the untrained network (points)" if gain else "score (%)")
-    ax.set_title("Ablation: mean ± std over seeds, dots = seeds" +
-                 ("; 0 = the same seed's untrained network" if gain else ""), fontsize=10)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "ablation.png"))
+    from ..viz.ablation import plot_ablation
+
+    plot_ablation(table, os.path.join(output_dir, "ablation.png"), scores=keys[:3])

@@ -4,7 +4,7 @@
 Balažević et al., NeurIPS 2023; the protocol CrIBo reports, Lebailly,
 Stegmüller et al., ICLR 2024, §4): a memory bank of L2-normalised final patch
 tokens of augmented training views, each labelled with its patch's class
-histogram (:func:`cribo.evaluation.features.build_bank`); every validation
+histogram (:func:`cribo.evaluation.bank.build_bank`); every validation
 patch takes its ``k`` most cosine-similar bank entries (the C blocked search
 :func:`cribo.topk_cosine`), weights them by ``softmax(similarity /
 temperature)`` and sums their histograms; the class scores of the patch grid
@@ -28,8 +28,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ..ops.queue import topk_cosine
-from .features import (Bank, _bar, build_bank, class_names_of, encode, eval_size,
-                       patch_size_of, resize_image)
+from .bank import Bank, build_bank
+from .features import _bar, class_names_of, encode, eval_size, patch_size_of, resize_image
 from .metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 
 __all__ = [

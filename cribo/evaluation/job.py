@@ -10,18 +10,28 @@ against the untrained network it started from and write the report.
 - ``curves.png`` (every loss term and statistic), ``clusters.png`` (the teacher's
   joint-space clusters on two views), ``matches.png`` (queue neighbours, cycle-
   consistent or not), ``predictions.png`` (retrieval next to ground truth).
+
+Shared with ``cribo ablate``: :func:`evaluation_settings` (the one place for a
+run's dense-evaluation options), :func:`evaluate_backbone`, :func:`teacher_backbone`
+and :func:`eval_datasets`.  :func:`encode_and_cluster` (two views of a few scenes,
+through a backbone, clustered as in training) feeds both figures and the
+collapse check.  File names come from :class:`cribo.train.run_folder.RunFolder`.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ..ops.clustering import Clustering
 from ..train.config import TrainConfig
+from ..train.run_folder import RunFolder
 
-__all__ = ["evaluate_and_report", "eval_datasets", "teacher_usage"]
+__all__ = ["evaluate_and_report", "evaluate_backbone", "evaluation_settings", "eval_datasets",
+           "teacher_backbone", "teacher_usage", "ClusteredViews", "encode_and_cluster"]
 
 
 def eval_datasets(cfg: TrainConfig):
@@ -36,46 +46,135 @@ def eval_datasets(cfg: TrainConfig):
     return train, val
 
 
+def evaluation_settings(cfg: TrainConfig) -> Dict[str, Any]:
+    """The dense-evaluation options of a run (the one place for them): the main
+    job's report and ``cribo ablate`` both score with these.
+
+    Returns:
+        keyword arguments of :func:`cribo.evaluation.dense_evaluation`: ``k``
+        (``--eval-k``), ``image_size`` (the scene side, ``--scene-size``), ``seed``
+        (the run's) and ``progress``.
+    """
+    return dict(k=cfg.eval_k, image_size=cfg.scene_size, seed=cfg.seed, progress=cfg.progress)
+
+
+def evaluate_backbone(cfg: TrainConfig, backbone: torch.nn.Module,
+                      datasets: Optional[Tuple[Any, Any]] = None, *,
+                      keep_predictions: int = 0) -> Tuple[Any, Any]:
+    """Dense retrieval and linear probe of ``backbone`` with the run's settings.
+
+    Args:
+        cfg: the run's configuration (:func:`evaluation_settings`).
+        backbone: a ViT returning ``(cls, patches)``.
+        datasets: ``(train, val)``; default :func:`eval_datasets` (pass them to
+            score several backbones on the same scenes without rendering them again).
+        keep_predictions: validation predictions kept for pictures.
+
+    Returns:
+        ``(RetrievalResult, ProbeResult)`` of :func:`cribo.evaluation.dense_evaluation`.
+    """
+    from .dense import dense_evaluation
+
+    train_set, val_set = eval_datasets(cfg) if datasets is None else datasets
+    return dense_evaluation(backbone, train_set, val_set, keep_predictions=keep_predictions,
+                            **evaluation_settings(cfg))
+
+
 def teacher_backbone(cfg: TrainConfig) -> torch.nn.Module:
+    """The trained teacher's ViT of the run in ``cfg.output_dir``, in eval mode.
+
+    Raises:
+        FileNotFoundError / ValueError: no or an unreadable ``teacher_backbone.pth``
+            (the message names the file and says what is wrong with it).
+    """
+    from ..nn.checkpoints import read_checkpoint
     from ..train.loop import build_models
 
     backbone = build_models(cfg)["teacher"].backbone
-    state = torch.load(os.path.join(cfg.output_dir, "teacher_backbone.pth"), map_location="cpu",
-                       weights_only=True)
+    state = read_checkpoint(RunFolder(cfg.output_dir).teacher_backbone, who="teacher_backbone")
     backbone.load_state_dict(state)
     return backbone.eval()
 
 
-def _cluster_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> None:
-    """The teacher's joint-space clusters on two views of a few training scenes."""
-    from .. import cluster, viz
-    from ..data import SyntheticScenes, TwoViewTransform
+# =============================================================================
+# two views of a few scenes, encoded and clustered (the figures, the collapse check)
+# =============================================================================
 
-    scenes = SyntheticScenes("train", n_images=8, size=cfg.scene_size, seed=cfg.seed)
-    tf = TwoViewTransform(size=cfg.img_size, patch_size=cfg.patch_size)
-    tf = tf.geometric_only()
-    rng = np.random.default_rng(cfg.seed)
-    views = [tf(scenes[i][0], rng) for i in range(3)]
-    imgs = torch.from_numpy(np.stack([[v.image for v in pair] for pair in views]))
-    pos = np.stack([[v.positions for v in pair] for pair in views]).astype(np.float32)
-    B = imgs.shape[0]
+@dataclass(frozen=True)
+class ClusteredViews:
+    """Two geometric views of B scenes, encoded by a backbone and clustered jointly.
+
+    Attributes:
+        images: (B, 2, 3, S, S) float32 in [0, 1], the views before normalisation.
+        positions: (B, 2, N, 2) float32, each patch centre's (x, y) in its scene.
+        cls: (B, 2, D) float32, the backbone's class tokens.
+        tokens: (B, 2, N, D) float32, its final patch tokens (as the backbone
+            gives them, not normalised).
+        clustering: :func:`cribo.cluster` of ``(tokens, positions)``.
+    """
+
+    images: np.ndarray
+    positions: np.ndarray
+    cls: np.ndarray
+    tokens: np.ndarray
+    clustering: Clustering
+
+    def rgb(self) -> np.ndarray:
+        """(B, 2, S, S, 3) uint8, the views for drawing."""
+        return _channels_last(self.images)
+
+
+def encode_and_cluster(cfg: TrainConfig, backbone: torch.nn.Module,
+                       scenes: Sequence[np.ndarray], rng: np.random.Generator, *,
+                       seed: int) -> ClusteredViews:
+    """Two views of each scene, through the backbone, clustered as in training.
+
+    The views are CrIBo's two global crops with their flips and nothing
+    photometric (``TwoViewTransform(cfg.img_size, cfg.patch_size).geometric_only()``),
+    drawn from ``rng`` scene after scene, view 1 first; they are normalised with
+    the ImageNet mean/std for the backbone.  The clustering is
+    :func:`cribo.cluster` with the run's ``n_clusters``, its final positional
+    weight ``pos_weight_end`` and its ``sinkhorn_lambda``.
+
+    Args:
+        cfg: the run's configuration.
+        backbone: a ViT returning ``(cls (B, D), patches (B, N, D))``.
+        scenes: B >= 1 images, (H, W, 3) uint8.
+        rng: the generator of the crops and flips.
+        seed: the clustering's seed (its initial tokens).
+
+    Returns:
+        :class:`ClusteredViews`, N = (cfg.img_size / cfg.patch_size)^2.
+    """
+    from ..data import TwoViewTransform
+    from ..ops.clustering import cluster
+
+    if len(scenes) < 1:
+        raise ValueError("encode_and_cluster: scenes must hold at least one image, got none")
+    tf = TwoViewTransform(size=cfg.img_size, patch_size=cfg.patch_size).geometric_only()
+    pairs = [tf(np.asarray(scene), rng) for scene in scenes]
+    images = np.stack([[v.image for v in pair] for pair in pairs]).astype(np.float32)
+    positions = np.stack([[v.positions for v in pair] for pair in pairs]).astype(np.float32)
+    B = images.shape[0]
+    try:
+        device = next(backbone.parameters()).device
+    except (StopIteration, AttributeError):
+        device = torch.device("cpu")
     with torch.no_grad():
-        _, tok = backbone(_normalize(imgs.flatten(0, 1)))
-    tok = tok.view(B, 2, tok.shape[1], -1).numpy()
-    c = cluster(tok, pos, cfg.n_clusters, pos_weight=cfg.pos_weight_end,
-                sinkhorn_lambda=cfg.sinkhorn_lambda, seed=cfg.seed)
-    g = cfg.img_size // cfg.patch_size
-    rgb = _channels_last(imgs)
-    viz.plot_clusters(rgb[:, 0], rgb[:, 1], c.labels[:, 0], c.labels[:, 1],
-                      grid=(g, g), valid=c.valid, path=path, show_views=True,
-                      gray_base=False, alpha=0.45,
-                      title="Teacher's joint-space clusters: one colour = one cluster in both views")
+        x = _normalize(torch.from_numpy(images).flatten(0, 1)).to(device)
+        cls, tok = backbone(x)
+    cls_np = cls.float().cpu().numpy().reshape(B, 2, -1)
+    tok_np = tok.float().cpu().numpy().reshape(B, 2, tok.shape[1], -1)
+    c = cluster(tok_np, positions, cfg.n_clusters, pos_weight=cfg.pos_weight_end,
+                sinkhorn_lambda=cfg.sinkhorn_lambda, seed=seed)
+    return ClusteredViews(images=images, positions=positions, cls=cls_np, tokens=tok_np,
+                          clustering=c)
 
 
-def _channels_last(views: torch.Tensor) -> np.ndarray:
+def _channels_last(views: np.ndarray) -> np.ndarray:
     """Un-normalised views (..., 3, H, W) in [0, 1] -> (..., H, W, 3) uint8 for
     drawing (viz reads a channels-first float image as an ImageNet-normalised one)."""
-    x = np.moveaxis(views.numpy(), -3, -1)
+    x = np.moveaxis(np.asarray(views), -3, -1)
     return np.ascontiguousarray(np.clip(np.round(x * 255), 0, 255).astype(np.uint8))
 
 
@@ -87,30 +186,43 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def _cluster_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> None:
+    """The teacher's joint-space clusters on two views of a few training scenes."""
+    from .. import viz
+    from ..data import SyntheticScenes
+
+    scenes = SyntheticScenes("train", n_images=8, size=cfg.scene_size, seed=cfg.seed)
+    v = encode_and_cluster(cfg, backbone, [scenes[i][0] for i in range(3)],
+                           np.random.default_rng(cfg.seed), seed=cfg.seed)
+    g = cfg.img_size // cfg.patch_size
+    rgb, c = v.rgb(), v.clustering
+    viz.plot_clusters(rgb[:, 0], rgb[:, 1], c.labels[:, 0], c.labels[:, 1],
+                      grid=(g, g), valid=c.valid, path=path, show_views=True,
+                      gray_base=False, alpha=0.45,
+                      title="Teacher's joint-space clusters: one colour = one cluster in both views")
+
+
 def _match_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> None:
     """Nearest queue neighbours of a batch's objects, with the trained teacher."""
-    from .. import ObjectQueue, cluster, pool, viz
-    from ..data import SyntheticScenes, TwoViewTransform
+    from .. import viz
+    from ..data import SyntheticScenes
+    from ..ops.pooling import pool
+    from ..ops.queue import ObjectQueue
 
     scenes = SyntheticScenes("val", n_images=64, size=cfg.scene_size, seed=cfg.seed + 1)
-    tf = TwoViewTransform(size=cfg.img_size, patch_size=cfg.patch_size).geometric_only()
     rng = np.random.default_rng(cfg.seed + 1)
     queue = ObjectQueue(capacity=64, dim=backbone.embed_dim)
     buffer = viz.MatchBuffer(max_batches=4)
     g = cfg.img_size // cfg.patch_size
     examples = []
     for b0 in range(0, 64, 16):
-        pairs = [tf(scenes[i][0], rng) for i in range(b0, b0 + 16)]
-        imgs = torch.from_numpy(np.stack([[v.image for v in p] for p in pairs]))
-        pos = np.stack([[v.positions for v in p] for p in pairs]).astype(np.float32)
-        with torch.no_grad():
-            _, tok = backbone(_normalize(imgs.flatten(0, 1)))
-        tok = tok.view(16, 2, tok.shape[1], -1).numpy()
-        c = cluster(tok, pos, cfg.n_clusters, pos_weight=cfg.pos_weight_end, seed=b0)
-        obj = pool(tok, c.labels, cfg.n_clusters)
+        v = encode_and_cluster(cfg, backbone, [scenes[i][0] for i in range(b0, b0 + 16)],
+                               rng, seed=b0)
+        c = v.clustering
+        obj = pool(v.tokens, c.labels, cfg.n_clusters)
         t1, t2 = obj[:, 0][c.valid], obj[:, 1][c.valid]
         match = queue.match(t1, t2)
-        rgb = _channels_last(imgs)
+        rgb = v.rgb()
         if b0 == 48:
             examples = viz.match_examples(buffer, rgb, c.labels, c.valid, match,
                                           grid=(g, g), max_examples=8,
@@ -125,38 +237,37 @@ def _match_figure(cfg: TrainConfig, backbone: torch.nn.Module, path: str) -> Non
 def teacher_usage(cfg: TrainConfig, n_images: int = 64) -> Dict[str, float]:
     """How many of its L outputs the trained teacher really uses: a collapse check.
 
-    Runs the teacher of ``<output_dir>/checkpoint.pth`` on two views of
-    ``n_images`` training scenes, clusters and pools as in training, and applies
-    its centred, sharpened heads (final temperatures).  For the global (CLS) and
-    the object outputs separately it returns the mean entropy of one output
-    distribution and ``exp`` of the entropy of their average, the effective
+    Runs the teacher of ``<output_dir>/checkpoint.pth`` on two views of the first
+    ``n_images`` training images (:func:`encode_and_cluster`: the crops and flips
+    of training, nothing photometric), clusters and pools as in training, and
+    applies its centred, sharpened heads (final temperatures).  For the global
+    (CLS) and the object outputs separately it returns the mean entropy of one
+    output distribution and ``exp`` of the entropy of their average, the effective
     number of outputs in use: near L when the outputs are spread, a few when the
     teacher has (partly) collapsed onto them.  Both are in nats / counts.
+
+    Raises:
+        FileNotFoundError / ValueError: no or an unreadable ``checkpoint.pth``.
     """
-    from .. import cluster, pool
+    from ..nn.checkpoints import read_checkpoint
+    from ..ops.pooling import pool
     from ..train.loop import build_data, build_models
 
-    ck = torch.load(os.path.join(cfg.output_dir, "checkpoint.pth"), map_location="cpu",
-                    weights_only=True)
+    ck = read_checkpoint(RunFolder(cfg.output_dir).checkpoint, who="teacher_usage")
     teacher = build_models(cfg)["teacher"]
     teacher.load_state_dict(ck["teacher"])
     teacher.eval()
-    data = build_data(cfg)
-    items = [data[i] for i in range(min(n_images, len(data)))]
-    B = len(items)
-    imgs = torch.stack([torch.stack([torch.as_tensor(it["view1"]), torch.as_tensor(it["view2"])])
-                        for it in items])
-    pos = np.stack([np.stack([it["pos1"], it["pos2"]]) for it in items]).astype(np.float32)
+    source = build_data(cfg).source
+    scenes = [_image_of(source[i]) for i in range(min(n_images, len(source)))]
+    v = encode_and_cluster(cfg, teacher.backbone, scenes, np.random.default_rng(cfg.seed),
+                           seed=cfg.seed)
+    c = v.clustering
+    objects = pool(v.tokens, c.labels, cfg.n_clusters)
+    objects = torch.from_numpy(np.concatenate([objects[:, 0][c.valid], objects[:, 1][c.valid]]))
+    cls = torch.from_numpy(v.cls.reshape(-1, v.cls.shape[-1]))
+    temp_o = cfg.object_teacher_temps[1]
+    out: Dict[str, float] = {"output width L": float(cfg.out_dim)}
     with torch.no_grad():
-        cls, tok = teacher.backbone(imgs.flatten(0, 1))
-        tok_np = tok.view(B, 2, tok.shape[1], -1).numpy()
-        c = cluster(tok_np, pos, cfg.n_clusters, pos_weight=cfg.pos_weight_end,
-                    sinkhorn_lambda=cfg.sinkhorn_lambda, seed=cfg.seed)
-        objects = pool(tok_np, c.labels, cfg.n_clusters)
-        objects = torch.from_numpy(np.concatenate([objects[:, 0][c.valid],
-                                                   objects[:, 1][c.valid]]))
-        temp_o = cfg.object_teacher_temps[1]
-        out: Dict[str, float] = {"output width L": float(cfg.out_dim)}
         for name, logits, centre, temp in (
                 ("global", teacher.head.forward_global(cls), ck["objective"]["center_global"],
                  cfg.teacher_temp),
@@ -168,6 +279,11 @@ def teacher_usage(cfg: TrainConfig, n_images: int = 64) -> Dict[str, float]:
             out[f"{name}: effective outputs"] = float(
                 (-(mean * mean.clamp_min(1e-30).log()).sum()).exp())
     return out
+
+
+def _image_of(item: Any) -> np.ndarray:
+    """A data set item's image (the item itself, or the first of a tuple)."""
+    return np.asarray(item[0] if isinstance(item, tuple) else item)
 
 
 def _terms_schedule(cfg: TrainConfig) -> str:
@@ -187,23 +303,24 @@ def evaluate_and_report(cfg: TrainConfig, summary: Optional[Dict[str, Any]] = No
     """Dense evaluation of the trained teacher and of its untrained starting point,
     pictures, and the report folder.  Returns the metrics dict."""
     from .. import viz
-    from . import dense_evaluation, paired_bootstrap, random_init_like
     from ..viz.report import write_report
+    from .features import random_init_like
+    from .metrics import paired_bootstrap
 
-    out = os.path.join(cfg.output_dir, "report")
+    run = RunFolder(cfg.output_dir)
+    out = run.report
     os.makedirs(out, exist_ok=True)
     trained = teacher_backbone(cfg)
     floor = random_init_like(trained, seed=cfg.seed)
     train_set, val_set = eval_datasets(cfg)
-    kw = dict(k=cfg.eval_k, image_size=cfg.scene_size, seed=cfg.seed,
-              progress=cfg.progress, keep_predictions=4)
-    res_t, probe_t = dense_evaluation(trained, train_set, val_set, **kw)
-    res_f, probe_f = dense_evaluation(floor, train_set, val_set, **kw)
+    res_t, probe_t = evaluate_backbone(cfg, trained, (train_set, val_set), keep_predictions=4)
+    res_f, probe_f = evaluate_backbone(cfg, floor, (train_set, val_set), keep_predictions=4)
     boot = paired_bootstrap(res_t, res_f, n=1000, seed=cfg.seed)
     boot_p = paired_bootstrap(probe_t, probe_f, n=1000, seed=cfg.seed)
 
     def entry(value: float, floor_value: float, iv: Any = None) -> Dict[str, Any]:
-        e: Dict[str, Any] = {"value": value, "floor": floor_value}
+        # fractions in metrics.json; the report shows them as percentages
+        e: Dict[str, Any] = {"value": value, "floor": floor_value, "unit": "%"}
         if iv is not None:
             e["delta_ci"] = [iv.low, iv.high]
         return e
@@ -217,13 +334,12 @@ def evaluate_and_report(cfg: TrainConfig, summary: Optional[Dict[str, Any]] = No
         "retrieval per-class IoU": {name: entry(v, res_f.per_class_iou.get(name, float("nan")))
                                     for name, v in res_t.per_class_iou.items()},
     }
-    if os.path.exists(os.path.join(cfg.output_dir, "checkpoint.pth")):
+    if os.path.exists(run.checkpoint):
         metrics["teacher head usage (collapse check)"] = teacher_usage(cfg)
     figures: Dict[str, str] = {}
-    log = os.path.join(cfg.output_dir, "log.jsonl")
-    if os.path.exists(log):
+    if os.path.exists(run.log):
         figures["Training curves"] = os.path.join(out, "curves.png")
-        viz.plot_curves(log, path=figures["Training curves"])
+        viz.plot_curves(run.log, path=figures["Training curves"])
     figures["Joint-space clusters"] = os.path.join(out, "clusters.png")
     _cluster_figure(cfg, trained, figures["Joint-space clusters"])
     figures["Queue neighbours"] = os.path.join(out, "matches.png")

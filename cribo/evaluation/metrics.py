@@ -211,8 +211,14 @@ class Interval:
         return self.low > 0 or self.high < 0
 
     def __str__(self) -> str:
-        return (f"{100 * self.diff:+.2f} [{100 * self.low:+.2f}, {100 * self.high:+.2f}] "
+        """In percentage points, one decimal, e.g. ``+2.5 [+0.4, +4.6] (95% CI)``."""
+        return (f"{_points(self.diff)} [{_points(self.low)}, {_points(self.high)}] "
                 f"({100 * self.level:.0f}% CI)")
+
+
+def _points(x: float) -> str:
+    """A difference of scores in signed percentage points, one decimal (no "-0.0")."""
+    return f"{round(100 * x, 1) + 0.0:+.1f}"
 
 
 @dataclass(frozen=True)

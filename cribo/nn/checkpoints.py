@@ -20,7 +20,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .vit import HEAD_DIM, VisionTransformer
+from .architectures import HEAD_DIM
+from .backbone import VisionTransformer
 
 __all__ = ["LoadReport", "load_pretrained", "read_checkpoint"]
 
@@ -83,7 +84,24 @@ class LoadReport:
 
 
 def read_checkpoint(path: str | os.PathLike, who: str = "load_pretrained") -> Any:
-    """torch.load(weights_only=True) onto the CPU, with errors that say what the file is.
+    """Read a ``.pth`` file: cribo's checkpoint reader.
+
+    The file is loaded with ``torch.load(weights_only=True)`` onto the CPU: only
+    tensors, numbers, strings, plain containers and ``argparse.Namespace`` (which
+    DINO / CrIBo training checkpoints pickle with their arguments) are accepted,
+    so reading a file never runs code it holds.
+
+    Args:
+        path: the file: a run's ``checkpoint.pth`` or ``teacher_backbone.pth``, a
+            published DINO / CrIBo checkpoint, any ``torch.save`` output.
+        who: the function or command named at the start of every error message
+            (e.g. ``"load_backbone"``).
+
+    Returns:
+        What was saved, unchanged, every tensor on the CPU: typically a state
+        dict ``{name: Tensor}`` (e.g. ``"pos_embed"`` of shape (1, 1 + N, D)), or
+        a dict of such entries (``"teacher"``, ``"student"``, ...) and plain
+        values.
 
     Raises:
         FileNotFoundError: no file at ``path``, or a folder.
@@ -113,7 +131,9 @@ def read_checkpoint(path: str | os.PathLike, who: str = "load_pretrained") -> An
 
 
 def _unreadable_checkpoint(path: str, exc: BaseException, who: str) -> str:
-    """Why ``torch.load`` failed on ``path``, in words, without torch's advice."""
+    """Why ``torch.load`` failed on ``path`` (raising ``exc``), in one line that
+    starts with ``who`` and never repeats torch's advice to load unsafely; the
+    message of :func:`read_checkpoint`'s ValueError."""
     import re
     import zipfile
 
@@ -228,11 +248,12 @@ def load_pretrained(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
       with or without those prefixes.
 
     Args:
-        path_or_state_dict: A file (read with ``torch.load(weights_only=True)``
-            onto the CPU) or an already loaded dict.
+        path_or_state_dict: A file (read with :func:`read_checkpoint`) or an
+            already loaded dict.
         model: The backbone to fill; if None, one is built with the architecture
             inferred from the tensors (width, depth and patch size from the
-            shapes; heads as ``embed_dim / 64`` unless ``num_heads`` is given;
+            shapes; heads as ``embed_dim / HEAD_DIM`` (64, from
+            :mod:`cribo.nn.architectures`) unless ``num_heads`` is given;
             ``img_size`` from the positional embedding).
         key: The entry of a training checkpoint to load; ignored for a bare
             state dict.

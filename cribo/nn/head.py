@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .vit import _init_weights
+from .backbone import _init_weights
 
 __all__ = ["CriboHead", "WeightNormLinear"]
 

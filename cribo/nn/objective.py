@@ -12,7 +12,8 @@ views (Lebailly, Stegmüller et al., ICLR 2024, §3):
 5. computes the three losses and their gradient w.r.t. the student's logits in one
    fused C pass, and updates the centres.
 
-CPU float32 tensors reach the C kernels without copies (``Tensor.numpy()`` shares
+The autograd nodes of steps 2 and 5 live in :mod:`cribo.nn.autograd`.  CPU
+float32 tensors reach the C kernels without copies (``Tensor.numpy()`` shares
 memory); tensors on another device, or in another dtype, are copied to host
 float32 and the results copied back -- correct, but the copies cost time, so on a
 GPU the C operators run on the CPU side of the step.
@@ -24,20 +25,24 @@ processes with batch b compute what one process with batch P*b computes.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
-
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..ops.queue import ObjectQueue
+from .. import distributed as dist
 from ..ops.clustering import cluster
-from ..ops.losses import cribo_losses
-from ..ops.pooling import pool, pool_backward
+from ..ops.losses import CriboLosses
+from ..ops.pooling import pool
+from ..ops.queue import ObjectQueue
+from .autograd import (NonFiniteError, check_finite, fused_losses, host_float32, pool_tokens,
+                       student_logits)
 
+# NonFiniteError, pool_tokens and student_logits are defined in cribo.nn.autograd
+# and named here too: the objective raises the one and takes the others' output.
 __all__ = ["CriboObjective", "CriboStudent", "ObjectiveOutput", "NonFiniteError",
            "pool_tokens", "student_logits", "image_seeds"]
 
@@ -45,75 +50,6 @@ __all__ = ["CriboObjective", "CriboStudent", "ObjectiveOutput", "NonFiniteError"
 #: (B, 2, N) and valid clusters (B, K), the student's global logits (2, B, L) and
 #: object logits (2, M, L) of the M valid objects, computed with gradient.
 StudentFn = Callable[[np.ndarray, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
-
-
-class NonFiniteError(FloatingPointError):
-    """A network output the objective was given holds NaN or infinite values (a
-    diverging run): raised before the C operators see it, naming the tensor."""
-
-
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    """Raises :class:`NonFiniteError` if ``t`` holds a NaN or an infinity."""
-    if t.numel() and not bool(torch.isfinite(t.detach()).all()):
-        n_bad = int((~torch.isfinite(t.detach())).sum())
-        raise NonFiniteError(f"{what} hold {n_bad} non-finite value{'s' if n_bad > 1 else ''} "
-                             f"(NaN or inf) of {t.numel()}")
-
-
-def _host(t: torch.Tensor) -> np.ndarray:
-    """A float32 NumPy view of ``t`` (no copy for a contiguous CPU float32 tensor)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype != torch.float32:
-        t = t.float()
-    return t.contiguous().numpy()
-
-
-class _Pool(torch.autograd.Function):
-    """Hard per-view mean pooling with the C forward and backward."""
-
-    @staticmethod
-    def forward(ctx: Any, tokens: torch.Tensor, labels: np.ndarray, K: int) -> torch.Tensor:
-        _check_finite(tokens, "the student's patch tokens")
-        ctx.labels, ctx.K = labels, K
-        ctx.device, ctx.dtype = tokens.device, tokens.dtype
-        out = pool(_host(tokens), labels, K)
-        return torch.from_numpy(out).to(tokens.device, tokens.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
-        dz = pool_backward(_host(grad), ctx.labels, ctx.K)
-        return torch.from_numpy(dz).to(ctx.device, ctx.dtype), None, None
-
-
-def pool_tokens(tokens: torch.Tensor, labels: np.ndarray, n_clusters: int) -> torch.Tensor:
-    """Differentiable :func:`cribo.pool`: (B, 2, N, d) tokens -> (B, 2, K, d) objects."""
-    return _Pool.apply(tokens, labels, n_clusters)
-
-
-def student_logits(cls: torch.Tensor, tokens: torch.Tensor, head: nn.Module,
-                   labels: np.ndarray, valid: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The student's side of the objective, with gradient.
-
-    Args:
-        cls: (B, 2, d) CLS outputs [image, view].
-        tokens: (B, 2, N, d) final patch tokens.
-        head: a module with ``forward_global`` and ``forward_objects``.
-        labels: (B, 2, N) the teacher's cluster labels.
-        valid: (B, K) clusters present in both views.
-
-    Returns:
-        Global logits (2, B, L) and object logits (2, M, L), M = valid.sum().
-    """
-    B, _, _, d = tokens.shape
-    K = valid.shape[1]
-    objects = pool_tokens(tokens, labels, K)
-    vmask = torch.from_numpy(valid).to(objects.device)
-    o1, o2 = objects[:, 0][vmask], objects[:, 1][vmask]
-    g = head.forward_global(cls.transpose(0, 1).reshape(2 * B, d))
-    o = head.forward_objects(torch.cat([o1, o2]))
-    return g.reshape(2, B, -1), o.reshape(2, o1.shape[0], -1)
 
 
 class CriboStudent(nn.Module):
@@ -149,29 +85,6 @@ class CriboStudent(nn.Module):
     def _stamp(self, grad: torch.Tensor) -> torch.Tensor:
         self.timings["backbone_grad_ready"] = time.perf_counter()
         return grad
-
-
-class _Losses(torch.autograd.Function):
-    """cribo_losses as an autograd node: the gradient w.r.t. the student's logits
-    comes from the fused C pass, computed in forward and scaled in backward."""
-
-    @staticmethod
-    def forward(ctx: Any, student_global: torch.Tensor, student_objects: torch.Tensor,
-                kwargs: Dict[str, Any], out: Dict[str, Any], grad_scale: float) -> torch.Tensor:
-        res = cribo_losses(_host(student_global), kwargs.pop("teacher_global"),
-                           _host(student_objects), kwargs.pop("teacher_objects"), **kwargs)
-        out["result"] = res
-        ctx.grads = (res.grad_global, res.grad_objects)
-        ctx.scale = grad_scale
-        ctx.meta = (student_global.device, student_global.dtype)
-        return torch.tensor(res.total, dtype=student_global.dtype, device=student_global.device)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
-        device, dtype = ctx.meta
-        g = float(grad) * ctx.scale
-        gg, go = (torch.from_numpy(x).to(device, dtype) * g for x in ctx.grads)
-        return gg, go, None, None, None
 
 
 def image_seeds(seed: int, step: int, image_ids: np.ndarray) -> np.ndarray:
@@ -212,29 +125,6 @@ class ObjectiveOutput:
     timings: Dict[str, float] = field(default_factory=dict)
 
 
-def _dist() -> Tuple[bool, int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        ws = torch.distributed.get_world_size()
-        return ws > 1, torch.distributed.get_rank(), ws
-    return False, 0, 1
-
-
-def _all_gather_rows(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Rows of x from every process in rank order; also each process's row count."""
-    n = torch.tensor([x.shape[0]], dtype=torch.int64)
-    ws = torch.distributed.get_world_size()
-    sizes = [torch.zeros_like(n) for _ in range(ws)]
-    torch.distributed.all_gather(sizes, n)
-    sizes_np = np.array([int(s) for s in sizes], np.int64)
-    width = x.shape[1:] if x.ndim > 1 else ()
-    buf = torch.zeros((int(sizes_np.max()),) + tuple(width), dtype=torch.from_numpy(x[:0]).dtype)
-    buf[: x.shape[0]] = torch.from_numpy(x)
-    parts = [torch.zeros_like(buf) for _ in range(ws)]
-    torch.distributed.all_gather(parts, buf)
-    rows = np.concatenate([p[: int(s)].numpy() for p, s in zip(parts, sizes_np)])
-    return rows, sizes_np
-
-
 class CriboObjective(nn.Module):
     """The CrIBo loss around a student/teacher pair of backbones and heads.
 
@@ -246,7 +136,7 @@ class CriboObjective(nn.Module):
         embed_dim: d, width of the backbone's tokens (the queue's width).
         out_dim_objects: width of the object output (default: out_dim).
         n_clusters: K per image (64 in the reference).
-        queue_size: images held by the queue (25 000 in the reference).
+        queue_capacity: images held by the queue (25 000 in the reference).
         pos_weight, sinkhorn_lambda, sinkhorn_iters, n_iters: clustering, docs/method.md §2.
         student_temp: tau_s.
         center_momentum: centre EMA momentum.
@@ -255,7 +145,7 @@ class CriboObjective(nn.Module):
         seed: base seed of the clustering initialisation.
 
     Example:
-        >>> obj = CriboObjective(out_dim=4096, embed_dim=192, n_clusters=16, queue_size=512)
+        >>> obj = CriboObjective(out_dim=4096, embed_dim=192, n_clusters=16, queue_capacity=512)
         >>> student = CriboStudent(backbone, head)
         >>> out = obj(lambda l, v: student(images, l, v), t_cls, t_tok, positions,
         ...           t_head, image_ids=ids, step=it, teacher_temp=0.04)
@@ -263,7 +153,7 @@ class CriboObjective(nn.Module):
     """
 
     def __init__(self, out_dim: int, embed_dim: int, *, out_dim_objects: Optional[int] = None,
-                 n_clusters: int = 64, queue_size: int = 25000, pos_weight: float = 2.0,
+                 n_clusters: int = 64, queue_capacity: int = 25000, pos_weight: float = 2.0,
                  sinkhorn_lambda: float = 20.0, sinkhorn_iters: int = 5, n_iters: int = 5,
                  student_temp: float = 0.1, center_momentum: float = 0.9,
                  weights: Sequence[float] = (1.0, 1.0, 1.0), exclude_same_image: bool = True,
@@ -281,7 +171,7 @@ class CriboObjective(nn.Module):
         self.center_momentum = float(center_momentum)
         self.weights = tuple(float(w) for w in weights)
         self.seed = int(seed)
-        self.queue = ObjectQueue(queue_size, embed_dim, exclude_same_image=exclude_same_image)
+        self.queue = ObjectQueue(queue_capacity, embed_dim, exclude_same_image=exclude_same_image)
         self.register_buffer("center_global", torch.zeros(out_dim))
         self.register_buffer("center_objects", torch.zeros(out_dim_objects or out_dim))
 
@@ -341,7 +231,8 @@ class CriboObjective(nn.Module):
                 student's tokens or logits, hold a NaN or an infinity (a diverging
                 run), named in the message.
         """
-        distributed, rank, world = _dist()
+        world = dist.world_size()
+        distributed = world > 1
         B, _, N, d = teacher_tokens.shape
         K = self.n_clusters
         pos = positions.detach().cpu().numpy() if torch.is_tensor(positions) else positions
@@ -354,10 +245,10 @@ class CriboObjective(nn.Module):
         t = tick()
         # A diverging network is reported here, by name, before the C operators'
         # input checks see its NaN/inf (they would only say "tokens must be finite").
-        _check_finite(teacher_tokens, "the teacher's patch tokens")
-        _check_finite(teacher_cls, "the teacher's CLS outputs")
+        check_finite(teacher_tokens, "the teacher's patch tokens")
+        check_finite(teacher_cls, "the teacher's CLS outputs")
         # 1. Joint-space clustering of the teacher's tokens.
-        t_tok = _host(teacher_tokens)
+        t_tok = host_float32(teacher_tokens)
         c = cluster(t_tok, pos, K, pos_weight=self.pos_weight if pos_weight is None
                     else pos_weight, sinkhorn_lambda=self.sinkhorn_lambda,
                     sinkhorn_iters=self.sinkhorn_iters, n_iters=self.n_iters,
@@ -376,11 +267,11 @@ class CriboObjective(nn.Module):
 
         # 3. Queue: look up, then push (the batch is never matched against itself).
         if distributed:
-            all1, sizes = _all_gather_rows(t1)
-            all2, _ = _all_gather_rows(t2)
-            all_counts, _ = _all_gather_rows(counts.astype(np.int64))
-            all_ids, _ = _all_gather_rows(ids)
-            offset = int(sizes[:rank].sum())
+            all1, sizes = dist.all_gather_rows(t1)
+            all2, _ = dist.all_gather_rows(t2)
+            all_counts, _ = dist.all_gather_rows(counts.astype(np.int64))
+            all_ids, _ = dist.all_gather_rows(ids)
+            offset = int(sizes[:dist.rank()].sum())
             match = self.queue.match(t1, t2, obj_ids, batch=(all1, all2), offset=offset)
             self.queue.push(all1, all2, all_counts, image_ids=all_ids)
         else:
@@ -392,8 +283,8 @@ class CriboObjective(nn.Module):
         #    on the retrieved neighbours.
         dev = teacher_tokens.device
         sg, so = student(c.labels, valid)
-        _check_finite(sg, "the student's global logits")
-        _check_finite(so, "the student's object logits")
+        check_finite(sg, "the student's global logits")
+        check_finite(so, "the student's object logits")
         timings["student_forward"], t = tick() - t, tick()
         L = sg.shape[-1]
         with torch.no_grad():
@@ -406,10 +297,10 @@ class CriboObjective(nn.Module):
             if use_neighbours and M > 0 and (match.mask1.any() or match.mask2.any()):
                 targets = torch.from_numpy(np.concatenate([match.targets1, match.targets2]))
                 tn_t = teacher_head.forward_objects(targets.to(dev))
-                _check_finite(tn_t, "the teacher's logits of the queue neighbours")
-                tn = _host(tn_t).reshape(2, M, -1)
-            _check_finite(tg, "the teacher's global logits")
-            _check_finite(to, "the teacher's object logits")
+                check_finite(tn_t, "the teacher's logits of the queue neighbours")
+                tn = host_float32(tn_t).reshape(2, M, -1)
+            check_finite(tg, "the teacher's global logits")
+            check_finite(to, "the teacher's object logits")
 
         timings["teacher_heads"], t = tick() - t, tick()
         # 5. Losses with the fused C gradient; centres.
@@ -417,22 +308,16 @@ class CriboObjective(nn.Module):
         den = None
         if distributed:
             tot = torch.tensor([B, M, Z[0], Z[1]], dtype=torch.int64)
-            torch.distributed.all_reduce(tot)
-            den = tuple(int(v) for v in tot)
-        holder: Dict[str, Any] = {}
-        kwargs = dict(teacher_global=_host(tg).reshape(2, B, L),
-                      teacher_objects=_host(to).reshape(2, M, -1),
-                      teacher_neighbours=tn, mask1=match.mask1, mask2=match.mask2,
-                      center_global=_host(self.center_global),
-                      center_objects=_host(self.center_objects),
-                      student_temp=self.student_temp, teacher_temp=teacher_temp,
-                      teacher_temp_objects=teacher_temp_objects,
-                      weights=(self.weights[0], w_obj, w_nn),
-                      center_momentum=self.center_momentum, denominators=den)
+            den = tuple(int(v) for v in dist.all_reduce_sum(tot))
         # DDP averages gradients over processes; each process holds a share of the
         # global loss, so its gradient is scaled by the world size to sum instead.
-        loss = _Losses.apply(sg, so, kwargs, holder, float(world))
-        res = holder["result"]
+        loss, res = fused_losses(
+            sg, so, host_float32(tg).reshape(2, B, L), host_float32(to).reshape(2, M, -1), tn,
+            match.mask1, match.mask2, center_global=host_float32(self.center_global),
+            center_objects=host_float32(self.center_objects), student_temp=self.student_temp,
+            teacher_temp=teacher_temp, teacher_temp_objects=teacher_temp_objects,
+            weights=(self.weights[0], w_obj, w_nn), center_momentum=self.center_momentum,
+            denominators=den, grad_scale=float(world))
         self._update_centers(res, tg, to, distributed)
         timings["losses"] = tick() - t
 
@@ -444,7 +329,7 @@ class CriboObjective(nn.Module):
             vec = torch.tensor([terms["global"], terms["objects"], terms["neighbours"],
                                 terms["total"], consistent, float(n_lookups)],
                                dtype=torch.float64)
-            torch.distributed.all_reduce(vec)
+            dist.all_reduce_sum(vec)
             terms = dict(zip(("global", "objects", "neighbours", "total"), vec[:4].tolist()))
             consistent, n_lookups = float(vec[4]), int(vec[5])
         stats = {"objects_per_image": float(counts.mean()), "n_objects": float(M),
@@ -454,7 +339,7 @@ class CriboObjective(nn.Module):
                                valid=valid, extra={"match": match}, timings=timings)
 
     @torch.no_grad()
-    def _update_centers(self, res: Any, tg: torch.Tensor, to: torch.Tensor,
+    def _update_centers(self, res: CriboLosses, tg: torch.Tensor, to: torch.Tensor,
                         distributed: bool) -> None:
         if not distributed:
             self.center_global.copy_(torch.from_numpy(res.center_global))
@@ -464,7 +349,7 @@ class CriboObjective(nn.Module):
         for buf, rows in ((self.center_global, tg), (self.center_objects, to)):
             s = torch.cat([rows.detach().double().sum(0).cpu(),
                            torch.tensor([rows.shape[0]], dtype=torch.float64)])
-            torch.distributed.all_reduce(s)
+            dist.all_reduce_sum(s)
             if s[-1] > 0:
                 mean = (s[:-1] / s[-1]).to(buf.dtype).to(buf.device)
                 buf.mul_(m).add_(mean, alpha=1.0 - m)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import _C
-from ._arrays import as_float32, as_int64, check_float, check_int
+from ._arrays import as_float32, as_int64
 
 __all__ = ["Clustering", "cluster", "draw_init"]
 
@@ -46,6 +46,23 @@ class Clustering:
         return self.valid.sum(axis=1)
 
 
+def _seed(seed: Any, fn: str) -> Any:
+    """An integer seed as given, or the (B,) seeds as int64 (the binding checks both)."""
+    return seed if np.ndim(seed) == 0 else as_int64(seed, fn, "seed")
+
+
+def _draw(n_images: int, n_tokens: int, n_clusters: int, seed: Any) -> np.ndarray:
+    """The draw itself, called by the binding once its arguments pass (csrc/_C.c)."""
+    J = 2 * n_tokens
+    if np.ndim(seed) == 0:
+        row = np.random.default_rng(int(seed)).choice(J, n_clusters, replace=False)
+        return np.ascontiguousarray(np.broadcast_to(row, (n_images, n_clusters)), dtype=np.int64)
+    out = np.empty((n_images, n_clusters), np.int64)
+    for b, s in enumerate(seed):
+        out[b] = np.random.default_rng(int(s)).choice(J, n_clusters, replace=False)
+    return out
+
+
 def draw_init(n_images: int, n_tokens: int, n_clusters: int, seed: Any = 0) -> np.ndarray:
     """Random initial cluster seeds: (B, K) distinct indices in [0, 2N) per image.
 
@@ -53,23 +70,10 @@ def draw_init(n_images: int, n_tokens: int, n_clusters: int, seed: Any = 0) -> n
     replace=False)``.  An integer ``seed`` is used for every image, so an image's
     draw never depends on its batch-mates or its position in the batch; pass one
     seed per image (B,) (e.g. from image ids and the training step) for
-    independent draws.
+    independent draws.  Requires 1 <= K <= 2N and seeds in [0, 2^63).
     """
-    J = 2 * n_tokens
-    if np.ndim(seed) == 0:
-        s = check_int(seed, "cluster", "seed", 0, 2**63 - 1)
-        row = np.random.default_rng(s).choice(J, n_clusters, replace=False)
-        return np.ascontiguousarray(np.broadcast_to(row, (n_images, n_clusters)), dtype=np.int64)
-    seeds = as_int64(seed, "cluster", "seed")
-    if seeds.shape != (n_images,):
-        raise ValueError(f"cluster: seed must be an integer or have shape ({n_images},), "
-                         f"got shape {seeds.shape}")
-    if seeds.size and seeds.min() < 0:
-        raise ValueError("cluster: seed values must be non-negative")
-    out = np.empty((n_images, n_clusters), np.int64)
-    for b, s in enumerate(seeds):
-        out[b] = np.random.default_rng(int(s)).choice(J, n_clusters, replace=False)
-    return out
+    return _C.draw_init(n_images=n_images, n_tokens=n_tokens, n_clusters=n_clusters,
+                        seed=_seed(seed, "draw_init"), draw=_draw)
 
 
 def cluster(tokens: Any, positions: Any, n_clusters: int, *, pos_weight: float = 2.0,
@@ -115,31 +119,11 @@ def cluster(tokens: Any, positions: Any, n_clusters: int, *, pos_weight: float =
         >>> objects = cribo.pool(tokens, c.labels, 8)[c.valid[:, None].repeat(2, 1)]
     """
     fn = "cluster"
-    tok = as_float32(tokens, fn, "tokens")
-    pos = as_float32(positions, fn, "positions")
-    if tok.ndim != 4 or tok.shape[1] != 2:
-        raise ValueError(f"{fn}: tokens must have shape (B, 2, N, d), got {tok.shape}")
-    B, _, N, _ = tok.shape
-    K = check_int(n_clusters, fn, "n_clusters", 1, 2**31 - 1)
-    if N < 1 or B < 1:
-        raise ValueError(f"{fn}: tokens must hold at least one image and one token per view, "
-                         f"got shape {tok.shape}")
-    if K > 2 * N:
-        raise ValueError(f"{fn}: n_clusters must be at most 2N = {2 * N} (the joint tokens of "
-                         f"one image), got {K}")
-    pos_weight = check_float(pos_weight, fn, "pos_weight", 0.0, 1e6)
-    sinkhorn_lambda = check_float(sinkhorn_lambda, fn, "sinkhorn_lambda", 0.0, 1e6, lo_open=True)
-    sinkhorn_iters = check_int(sinkhorn_iters, fn, "sinkhorn_iters", 0, 100_000)
-    n_iters = check_int(n_iters, fn, "n_iters", 1, 100_000)
-    if init is None:
-        ix = draw_init(B, N, K, seed)
-    else:
-        ix = as_int64(init, fn, "init")
-        if ix.shape != (B, K):
-            raise ValueError(f"{fn}: init must have shape ({B}, {K}) (B, n_clusters), "
-                             f"got {ix.shape}")
-    labels, counts, plan = _C.cluster(tok, pos, ix, float(pos_weight), float(sinkhorn_lambda),
-                                      int(sinkhorn_iters), int(n_iters), bool(update_marginals),
-                                      bool(return_plan))
+    labels, counts, plan, ix = _C.cluster(
+        tokens=as_float32(tokens, fn, "tokens"), positions=as_float32(positions, fn, "positions"),
+        n_clusters=n_clusters, pos_weight=pos_weight, sinkhorn_lambda=sinkhorn_lambda,
+        sinkhorn_iters=sinkhorn_iters, n_iters=n_iters, update_marginals=update_marginals,
+        seed=_seed(seed, fn), init=None if init is None else as_int64(init, fn, "init"),
+        return_plan=return_plan, draw=_draw)
     valid = (counts[:, 0] > 0) & (counts[:, 1] > 0)
     return Clustering(labels=labels, valid=valid, counts=counts, init=ix, plan=plan)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import _C
-from ._arrays import as_float32, as_int64, check_int
+from ._arrays import as_float32, as_int64
 
 __all__ = ["pool", "pool_backward"]
 
@@ -48,14 +48,8 @@ def pool(tokens: Any, assignment: Any, n_clusters: Optional[int] = None) -> np.n
     tok = as_float32(tokens, fn, "tokens")
     kind, a = _assignment(assignment, fn)
     if kind == "hard":
-        if n_clusters is None:
-            raise ValueError(f"{fn}: n_clusters is required with integer labels")
-        K = check_int(n_clusters, fn, "n_clusters", 1, 2**31 - 1)
-        return _C.pool(tok, a, K)
-    if n_clusters is not None and a.ndim == 4 and n_clusters != a.shape[3]:
-        raise ValueError(f"{fn}: n_clusters={n_clusters} does not match weights with K = "
-                         f"{a.shape[3]}")
-    return _C.pool_soft(tok, a)
+        return _C.pool(tokens=tok, labels=a, n_clusters=n_clusters)
+    return _C.pool_soft(tokens=tok, weights=a, n_clusters=n_clusters)
 
 
 def pool_backward(grad_objects: Any, assignment: Any,
@@ -77,11 +71,5 @@ def pool_backward(grad_objects: Any, assignment: Any,
     g = as_float32(grad_objects, fn, "grad_objects")
     kind, a = _assignment(assignment, fn)
     if kind == "hard":
-        if n_clusters is None:
-            raise ValueError(f"{fn}: n_clusters is required with integer labels")
-        K = check_int(n_clusters, fn, "n_clusters", 1, 2**31 - 1)
-        return _C.pool_backward(g, a, K)
-    if n_clusters is not None and a.ndim == 4 and n_clusters != a.shape[3]:
-        raise ValueError(f"{fn}: n_clusters={n_clusters} does not match weights with K = "
-                         f"{a.shape[3]}")
-    return _C.pool_soft_backward(g, a)
+        return _C.pool_backward(grad_objects=g, labels=a, n_clusters=n_clusters)
+    return _C.pool_soft_backward(grad_objects=g, weights=a, n_clusters=n_clusters)

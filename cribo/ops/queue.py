@@ -1,4 +1,4 @@
-"""Cross-image nearest-neighbour bootstrapping (docs/method.md §4; C kernel: csrc/bootstrap.c).
+"""The object queue and its nearest-neighbour look-up (docs/method.md §4; C kernel: csrc/queue.c).
 
 A memory queue of the teacher's object representations of recent images; each
 object of the current batch retrieves its nearest neighbour in the queue (per
@@ -14,9 +14,9 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .. import _C
-from ._arrays import as_float32, as_int64, check_int
+from ._arrays import as_float32, as_int64
 
-__all__ = ["topk_cosine", "ObjectQueue", "Match"]
+__all__ = ["topk_cosine", "ObjectQueue", "Match", "locate_entries"]
 
 
 def topk_cosine(queries: Any, bank: Any, k: int = 1, *, query_ids: Any = None,
@@ -36,7 +36,7 @@ def topk_cosine(queries: Any, bank: Any, k: int = 1, *, query_ids: Any = None,
     1024 x 1024 tiles of L2-normalised copies, a few MB per thread whatever the
     bank size); every row whose sgemm similarity could reach the current k-th
     score, by a worst-case bound on the sgemm's rounding, is re-scored exactly
-    (csrc/bootstrap.c).  Many near-ties (a bank of copies of one row) are
+    (csrc/queue.c).  Many near-ties (a bank of copies of one row) are
     correct but slower: each of them is re-scored.  Any finite magnitude works.
 
     Args:
@@ -55,14 +55,10 @@ def topk_cosine(queries: Any, bank: Any, k: int = 1, *, query_ids: Any = None,
         the rest are index -1, similarity -inf.
     """
     fn = "topk_cosine"
-    q = as_float32(queries, fn, "queries")
-    b = as_float32(bank, fn, "bank")
-    k = check_int(k, fn, "k", 1, 2**31 - 1)
-    if (query_ids is None) != (bank_ids is None):
-        raise ValueError(f"{fn}: query_ids and bank_ids must be given together")
-    qi = None if query_ids is None else as_int64(query_ids, fn, "query_ids")
-    bi = None if bank_ids is None else as_int64(bank_ids, fn, "bank_ids")
-    return _C.topk_cosine(q, b, k, qi, bi)
+    return _C.topk_cosine(
+        queries=as_float32(queries, fn, "queries"), bank=as_float32(bank, fn, "bank"), k=k,
+        query_ids=None if query_ids is None else as_int64(query_ids, fn, "query_ids"),
+        bank_ids=None if bank_ids is None else as_int64(bank_ids, fn, "bank_ids"))
 
 
 @dataclass(frozen=True)
@@ -115,8 +111,7 @@ class ObjectQueue:
     """
 
     def __init__(self, capacity: int, dim: int, *, exclude_same_image: bool = True) -> None:
-        self.capacity = check_int(capacity, "ObjectQueue", "capacity", 1, 2**31 - 1)
-        self.dim = check_int(dim, "ObjectQueue", "dim", 1, 2**31 - 1)
+        self.capacity, self.dim = _C.ObjectQueue(capacity=capacity, dim=dim)
         self.exclude_same_image = bool(exclude_same_image)
         # Objects live in [_start, _end) of the buffers, newest first; images in
         # [_istart, _iend) of the image arrays.  New blocks go in front; when the
@@ -180,17 +175,13 @@ class ObjectQueue:
             image_ids: optional (B,) integer ids of the source images.
         """
         fn = "ObjectQueue.push"
-        o1, o2, counts = self._check_objects(fn, objects1, objects2, counts)
+        o1, o2 = as_float32(objects1, fn, "objects1"), as_float32(objects2, fn, "objects2")
+        counts = as_int64(counts, fn, "counts")
+        ids = None if image_ids is None else as_int64(image_ids, fn, "image_ids")
+        _C.ObjectQueue_push(objects1=o1, objects2=o2, counts=counts, image_ids=ids, dim=self.dim)
         B = counts.shape[0]
-        if image_ids is None:
+        if ids is None:
             ids = np.full(B, -1, np.int64)
-        else:
-            ids = as_int64(image_ids, fn, "image_ids")
-            if ids.shape != (B,):
-                raise ValueError(f"{fn}: image_ids must have shape ({B},) like counts, "
-                                 f"got {ids.shape}")
-            if ids.size and ids.min() < 0:
-                raise ValueError(f"{fn}: image_ids must be non-negative")
         if B > self.capacity:  # a block larger than the queue keeps its first images
             keep = int(counts[: self.capacity].sum())
             o1, o2 = o1[:keep], o2[:keep]
@@ -263,20 +254,15 @@ class ObjectQueue:
             A :class:`Match`; an empty queue matches nothing (all -1 / False).
         """
         fn = "ObjectQueue.match"
-        o1 = self._check_view(fn, "objects1", objects1)
-        o2 = self._check_view(fn, "objects2", objects2)
-        if o1.shape != o2.shape:
-            raise ValueError(f"{fn}: objects1 and objects2 must have the same shape, got "
-                             f"{o1.shape} and {o2.shape}")
+        o1, o2 = as_float32(objects1, fn, "objects1"), as_float32(objects2, fn, "objects2")
+        qids = None if image_ids is None else as_int64(image_ids, fn, "image_ids")
+        if batch is not None:
+            batch = (as_float32(batch[0], fn, "batch[0]"), as_float32(batch[1], fn, "batch[1]"))
+        _C.ObjectQueue_match(**{"objects1": o1, "objects2": o2, "image_ids": qids,
+                                "batch[0]": None if batch is None else batch[0],
+                                "batch[1]": None if batch is None else batch[1],
+                                "offset": offset, "dim": self.dim})
         M = o1.shape[0]
-        qids = None
-        if image_ids is not None:
-            qids = as_int64(image_ids, fn, "image_ids")
-            if qids.shape != (M,):
-                raise ValueError(f"{fn}: image_ids must have shape ({M},) (one id per object), "
-                                 f"got {qids.shape}")
-            if qids.size and qids.min() < 0:
-                raise ValueError(f"{fn}: image_ids must be non-negative")
         index = [np.full(M, -1, np.int64), np.full(M, -1, np.int64)]
         sim = [np.full(M, -np.inf, np.float32), np.full(M, -np.inf, np.float32)]
         mask = [np.zeros(M, bool), np.zeros(M, bool)]
@@ -290,56 +276,27 @@ class ObjectQueue:
             cycle = (o1, o2)
             offset = 0
         else:
-            cycle = (self._check_view(fn, "batch[0]", batch[0]),
-                     self._check_view(fn, "batch[1]", batch[1]))
-            offset = check_int(offset, fn, "offset", 0, 2**62)
-            if cycle[0].shape != cycle[1].shape or offset + M > cycle[0].shape[0]:
-                raise ValueError(f"{fn}: batch must be two arrays of the same shape holding "
-                                 f"the queries at rows {offset}..{offset + M}, got "
-                                 f"{cycle[0].shape} and {cycle[1].shape}")
+            cycle = batch
+            offset = int(offset)
         batch = (o1, o2)
         for v in (0, 1):
             other = 1 - v
             if exclude:
-                idx, s = _C.topk_cosine(batch[v], queue[v], 1, qids, self.object_ids)
+                idx, s = _C.topk_cosine(queries=batch[v], bank=queue[v], k=1, query_ids=qids,
+                                        bank_ids=self.object_ids)
             else:
-                idx, s = _C.topk_cosine(batch[v], queue[v], 1, None, None)
+                idx, s = _C.topk_cosine(queries=batch[v], bank=queue[v], k=1)
             idx, s = idx[:, 0], s[:, 0]
             found = idx >= 0
             index[v], sim[v] = idx, s
             if found.any():
                 # Cycle: the retrieved entry's other view must point back to j.
                 back = np.ascontiguousarray(queue[other][idx[found]])
-                j_back, _ = _C.topk_cosine(back, cycle[other], 1, None, None)
+                j_back, _ = _C.topk_cosine(queries=back, bank=cycle[other], k=1)
                 mask[v][found] = j_back[:, 0] == offset + np.flatnonzero(found)
                 targets[v][found] = queue[v][idx[found]]
         return Match(index[0], index[1], mask[0], mask[1], targets[0], targets[1],
                      sim[0], sim[1])
-
-    # ---------------------------------------------------------------- checks
-    def _check_view(self, fn: str, name: str, x: Any) -> np.ndarray:
-        a = as_float32(x, fn, name)
-        if a.ndim != 2 or a.shape[1] != self.dim:
-            raise ValueError(f"{fn}: {name} must have shape (M, {self.dim}), got {a.shape}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"{fn}: {name} must be finite, got NaN or infinity")
-        return a
-
-    def _check_objects(self, fn: str, objects1: Any, objects2: Any, counts: Any):
-        o1 = self._check_view(fn, "objects1", objects1)
-        o2 = self._check_view(fn, "objects2", objects2)
-        if o1.shape != o2.shape:
-            raise ValueError(f"{fn}: objects1 and objects2 must have the same shape, got "
-                             f"{o1.shape} and {o2.shape}")
-        c = as_int64(counts, fn, "counts")
-        if c.ndim != 1:
-            raise ValueError(f"{fn}: counts must have shape (B,), got {c.shape}")
-        if c.size and c.min() < 0:
-            raise ValueError(f"{fn}: counts must be non-negative")
-        if int(c.sum()) != o1.shape[0]:
-            raise ValueError(f"{fn}: counts must sum to the number of objects {o1.shape[0]}, "
-                             f"got {int(c.sum())}")
-        return o1, o2, c
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
@@ -375,33 +332,14 @@ class ObjectQueue:
         missing = [k for k in required if k not in state]
         if missing:
             raise KeyError(f"{fn}: state is missing {missing}")
-        dim = check_int(state["dim"], fn, "dim", 1, 2**31 - 1)
-        if dim != self.dim:
-            raise ValueError(f"{fn}: state has dim {dim}, this queue {self.dim}")
-        o1 = self._check_view(fn, "objects1", state["objects1"])
-        o2 = self._check_view(fn, "objects2", state["objects2"])
-        if o1.shape != o2.shape:
-            raise ValueError(f"{fn}: objects1 and objects2 differ in shape")
+        o1 = as_float32(state["objects1"], fn, "objects1")
+        o2 = as_float32(state["objects2"], fn, "objects2")
         oid = as_int64(state["object_ids"], fn, "object_ids")
         cnt = as_int64(state["image_counts"], fn, "image_counts")
         iid = as_int64(state["image_ids"], fn, "image_ids")
-        if oid.shape != (o1.shape[0],):
-            raise ValueError(f"{fn}: object_ids must have shape ({o1.shape[0]},) like objects1, "
-                             f"got {oid.shape}")
-        if cnt.ndim != 1:
-            raise ValueError(f"{fn}: image_counts must have shape (images,), got {cnt.shape}")
-        if iid.shape != cnt.shape:
-            raise ValueError(f"{fn}: image_ids must have shape {cnt.shape} like image_counts, "
-                             f"got {iid.shape}")
-        if (cnt.size and cnt.min() < 0) or int(cnt.sum()) != o1.shape[0]:
-            raise ValueError(f"{fn}: image_counts must be non-negative and sum to the objects")
-        if iid.size and iid.min() < -1:
-            raise ValueError(f"{fn}: image_ids must be non-negative (or -1: unknown)")
-        if not np.array_equal(oid, np.repeat(iid, cnt)):
-            raise ValueError(f"{fn}: object_ids do not agree with image_ids and image_counts")
-        capacity = check_int(state["capacity"], fn, "capacity", 1, 2**31 - 1)
-        if cnt.shape[0] > capacity:
-            raise ValueError(f"{fn}: state holds {cnt.shape[0]} images for capacity {capacity}")
+        _C.ObjectQueue_load_state_dict(capacity=state["capacity"], dim=state["dim"], objects1=o1,
+                                       objects2=o2, object_ids=oid, image_counts=cnt,
+                                       image_ids=iid, queue_dim=self.dim)
         if cnt.shape[0] > self.capacity:   # keep the newest self.capacity images
             n_obj = int(cnt[:self.capacity].sum())
             o1, o2, oid = o1[:n_obj], o2[:n_obj], oid[:n_obj]
@@ -414,3 +352,37 @@ class ObjectQueue:
         self._img_ids = iid.copy()
         self._start, self._end = 0, o1.shape[0]
         self._istart, self._iend = 0, cnt.shape[0]
+
+
+def locate_entries(addresses: Any, image_counts: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """Which queued image, and which of its objects, each queue address is.
+
+    :class:`ObjectQueue` stores objects newest first, one contiguous run
+    per image, in the order of ``queue.image_counts``: image slot ``s`` holds
+    addresses ``[sum(counts[:s]), sum(counts[:s+1]))``.  Each ``push`` puts its
+    batch in front, in batch order, so with a constant batch size B and a queue
+    that has not wrapped, slot ``s`` is image ``s % B`` of the batch pushed
+    ``s // B + 1`` steps before the look-up, and the object of rank ``r`` is
+    that image's r-th valid cluster: ``np.flatnonzero(valid[b])[r]``.
+    ``cribo.viz.MatchBuffer`` does this bookkeeping for any batch sizes.
+
+    Args:
+        addresses: (M,) int, e.g. ``match.index1`` (-1 for no match).
+        image_counts: (I,) int, the queue's ``image_counts`` at look-up time
+            (before the batch itself was pushed).
+
+    Returns:
+        ``(slot, rank)``: (M,) int64 each, -1 where the address is -1 or outside
+        the images given.
+    """
+    a = np.asarray(addresses).astype(np.int64).ravel()
+    counts = np.asarray(image_counts).astype(np.int64).ravel()
+    ends = np.cumsum(counts)
+    total = int(ends[-1]) if ends.size else 0
+    ok = (a >= 0) & (a < total)
+    slot = np.full(a.shape, -1, np.int64)
+    rank = np.full(a.shape, -1, np.int64)
+    s = np.searchsorted(ends, a[ok], side="right")  # empty images are skipped
+    slot[ok] = s
+    rank[ok] = a[ok] - (ends[s] - counts[s])
+    return slot, rank

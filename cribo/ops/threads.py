@@ -32,9 +32,7 @@ def _default_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads (1..256) in every cribo kernel from now on."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"set_num_threads: n must be an integer, got {n!r}")
-    _C.set_num_threads(int(n))
+    _C.set_num_threads(n=n)
 
 
 def get_num_threads() -> int:
@@ -53,4 +51,4 @@ def num_threads(n: int) -> Iterator[None]:
         set_num_threads(old)
 
 
-_C.set_num_threads(_default_threads())
+_C.set_num_threads(n=_default_threads())

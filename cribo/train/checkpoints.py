@@ -34,17 +34,22 @@ import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Tuple
 
+from .run_folder import CHECKPOINT, CONFIG, LOCK, TEACHER_BACKBONE, snapshot_name
+
 __all__ = ["OutputWriteError", "FolderLocked", "atomic_save", "atomic_write_text",
            "lock_folder", "remove_stale_temporaries", "snapshot", "snapshot_name",
            "LOCK_NAME"]
 
 #: The lock file in the run folder.
-LOCK_NAME = "cribo.lock"
+LOCK_NAME = LOCK
 
-# The temporary files of the files cribo writes in a run folder (no others).
-_TMP = re.compile(r"^(?P<name>checkpoint(\d{4,})?\.pth|teacher_backbone\.pth|config\.json)"
-                  r"\.tmp\.(?P<pid>\d+)$")
-_SNAPSHOT = re.compile(r"^checkpoint(?P<index>\d{4,})\.pth$")
+# The temporary files of the files cribo writes in a run folder (no others):
+# the checkpoint, its snapshots (snapshot_name: the stem and 4+ digits), the
+# teacher export and config.json.
+_STEM, _EXT = os.path.splitext(CHECKPOINT)
+_TMP = re.compile(rf"^(?P<name>{re.escape(_STEM)}(\d{{4,}})?{re.escape(_EXT)}|"
+                  rf"{re.escape(TEACHER_BACKBONE)}|{re.escape(CONFIG)})\.tmp\.(?P<pid>\d+)$")
+_SNAPSHOT = re.compile(rf"^{re.escape(_STEM)}(?P<index>\d{{4,}}){re.escape(_EXT)}$")
 
 
 class OutputWriteError(RuntimeError):
@@ -236,11 +241,6 @@ def lock_folder(folder: str) -> Iterator[None]:
 # =============================================================================
 # epoch snapshots
 # =============================================================================
-
-def snapshot_name(epoch_index: int) -> str:
-    """``checkpointNNNN.pth`` for the 0-based index of the epoch just finished."""
-    return f"checkpoint{int(epoch_index):04d}.pth"
-
 
 def list_snapshots(folder: str) -> List[Tuple[int, str]]:
     """(epoch index, path) of the snapshots in ``folder``, oldest first."""

@@ -24,6 +24,14 @@ user wrote it (``--lr`` on the command line, ``lr in run.toml`` in a file):
 
 Errors are :class:`ConfigError` (a ``ValueError``); ``cribo`` prints them as one
 line (``cribo: error: ...``) and exits with status 2.
+
+Options renamed since a release (:data:`RENAMED`) are read under their old
+names from checkpoints and files; an old flag is refused naming today's.
+
+Over 500 lines on purpose: the options with their rules, and the flag and file
+parsers that apply the rules, are one idea that changes together (an option is
+added as one field here, and its flag, its file key, its ``--help`` line and
+its checks follow); split, each part would import the other's private rules.
 """
 from __future__ import annotations
 
@@ -41,8 +49,11 @@ from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, NoReturn, Op
 
 import numpy as np
 
-__all__ = ["TrainConfig", "PRESETS", "ConfigError", "build_parser", "config_from_args",
-           "load_config_file", "check_config", "check_option", "check_evaluation"]
+from .run_folder import CHECKPOINT
+
+__all__ = ["TrainConfig", "PRESETS", "RENAMED", "ConfigError", "build_parser",
+           "config_from_args", "load_config_file", "check_config", "check_option",
+           "check_evaluation", "upgrade_saved_config"]
 
 
 class ConfigError(ValueError):
@@ -99,15 +110,15 @@ class TrainConfig:
                         "fastest on a 2-core machine, where the data workers use the other core",
                         low=0, high=256)
     resume: Optional[bool] = _opt(
-        None, "continue from output_dir/checkpoint.pth. Unset (the default): continue when "
+        None, f"continue from output_dir/{CHECKPOINT}. Unset (the default): continue when "
         "the folder holds a checkpoint written with the same options (a requeued job picks "
         "up where it stopped), refuse one written with different options, start afresh "
         "otherwise; --resume: the same, but a missing checkpoint is an error; --no-resume: "
         "start afresh, replacing what the folder holds", boolean=True)
     allow_config_change: bool = _opt(False, "on resume, accept options that differ from the "
                                      "checkpoint's (they are listed, and logged)")
-    keep_checkpoints: int = _opt(0, "epoch snapshots (checkpointNNNN.pth) kept beside "
-                                 "checkpoint.pth, the newest N; 0 keeps only the latest", low=0)
+    keep_checkpoints: int = _opt(0, f"epoch snapshots (checkpointNNNN.pth) kept beside "
+                                 f"{CHECKPOINT}, the newest N; 0 keeps only the latest", low=0)
     dist_timeout: float = _opt(600.0, "seconds a process waits for the others in a "
                                "collective before stopping with the rank that stopped "
                                "answering (distributed runs); it must also cover rank 0 "
@@ -117,6 +128,9 @@ class TrainConfig:
     save_every: int = _opt(1, "epochs between checkpoints (one is always written at the end)",
                            low=1)
     progress: bool = _opt(True, "show a progress bar")
+    profile: bool = _opt(False, "time every step's phases in detail (the device synchronised "
+                         "between phases, which slows a GPU run) and log each epoch's mean "
+                         "per phase; without it the logged steps carry the coarse split")
     # ------------------------------------------------------------------ data
     data: str = _opt("synthetic", "'synthetic' (the embedded procedural scenes) or the path "
                      "of a folder of images (searched recursively)", check=_check_data)
@@ -150,8 +164,8 @@ class TrainConfig:
     norm_last_layer: bool = _opt(False, "fix the gain of the heads' weight-normalised last layers")
     # ------------------------------------------------------------------ CrIBo
     n_clusters: int = _opt(16, "clusters K per image (64 in the reference)", low=1)
-    queue_size: int = _opt(1024, "images in the object queue (25000 in the reference)",
-                           low=1, high=2**31 - 1)
+    queue_capacity: int = _opt(1024, "images the object queue holds (25000 in the reference)",
+                               low=1, high=2**31 - 1)
     pos_weight_start: float = _opt(2.0, "positional weight alpha_pos at the first epoch",
                                    low=0, high=1e6)
     pos_weight_end: float = _opt(2.0, "positional weight alpha_pos at the last epoch",
@@ -160,7 +174,7 @@ class TrainConfig:
                                   low=0, low_open=True, high=1e6)
     sinkhorn_iters: int = _opt(5, "Sinkhorn row/column rounds per clustering iteration",
                                low=0, high=100000)
-    cluster_iters: int = _opt(5, "clustering iterations", low=1, high=100000)
+    cluster_n_iters: int = _opt(5, "clustering iterations", low=1, high=100000)
     w_global: float = _opt(1.0, "weight of the global cross-view term", low=0, high=1e6)
     w_objects: float = _opt(1.0, "weight of the cross-view object term", low=0, high=1e6)
     w_neighbours: float = _opt(1.0, "weight of the cross-image object term", low=0, high=1e6)
@@ -249,13 +263,35 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "vit_small": dict(arch="vit_small", patch_size=16, img_size=224, drop_path=0.1,
                       out_dim=65536, head_hidden_dim=2048, head_bottleneck_dim=256,
                       freeze_patch_embed=False, objects_start_epoch=0,
-                      n_clusters=64, queue_size=25000,
+                      n_clusters=64, queue_capacity=25000,
                       lr=5e-4, momentum_teacher=0.996, teacher_temp=0.07,
                       epochs=300, batch_size=256, warmup_epochs=10,
                       warmup_teacher_temp_epochs=30, data="", scene_size=256, num_workers=8,
                       amp=True, n_images=100000, evaluate=False, threads=0),
 }
 
+#: Options renamed since a release, old name -> today's: an option that feeds an
+#: operator's argument is named after it (``ObjectQueue(capacity)``,
+#: ``cluster(n_iters)``), prefixed with the operator where the bare name would be
+#: ambiguous.  Checkpoints, config.json and config files written with an old
+#: name are read with today's (:func:`upgrade_saved_config`); an old flag is
+#: refused with today's name.
+RENAMED: Dict[str, str] = {
+    "queue_size": "queue_capacity",
+    "cluster_iters": "cluster_n_iters",
+}
+
+
+def upgrade_saved_config(saved: Mapping[str, Any]) -> Dict[str, Any]:
+    """A saved configuration (a checkpoint's ``config``, config.json's) with the
+    old names of :data:`RENAMED` read as today's; a key under both names keeps
+    today's value."""
+    out = dict(saved)
+    for old, new in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
 
 
 # =============================================================================
@@ -460,7 +496,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line (the options are in ``--help``)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"cribo: error: {message} (the options: {self.prog} --help)\n")
+        renamed = [f"--{o.replace('_', '-')} is now --{n.replace('_', '-')}"
+                   for o, n in RENAMED.items()
+                   if re.search(rf"--{o.replace('_', '-')}(?![\w-])", message)]
+        why = f"; {', '.join(renamed)}" if renamed else ""
+        self.exit(2, f"cribo: error: {message}{why} (the options: {self.prog} --help)\n")
 
 
 def build_parser(prog: str = "cribo pretrain") -> argparse.ArgumentParser:
@@ -583,6 +623,7 @@ def _read_config_file(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
             raise ConfigError(f"config file {path}: option names must be strings, got "
                               f"{key!r}")
         name = key.replace("-", "_")
+        name = RENAMED.get(name, name)  # a file written before a rename
         if name not in names:
             unknown.append(key)
             continue

@@ -14,6 +14,13 @@ A metric is a number, or a mapping with ``"value"`` and any of::
      "floor": 34.6,              # the untrained network: adds the floor and Δ columns
      "delta_ci": (8.9, 13.1)}    # an interval for value - floor (e.g. paired bootstrap)
 
+With ``"unit": "%"`` the numbers of the metric are fractions (an IoU of 0.457)
+and the table shows them as percentages with one decimal, the metric's name
+followed by ``(%)``: the value, std, intervals, floor and Δ alike (Δ and its
+interval in percentage points), so every number of a row is in one unit.
+``metrics.json`` keeps the fractions.  Other numbers are shown with 4
+significant digits.
+
 A mapping without ``"value"`` is a group: ``{"per-class IoU": {"disc": 0.3, ...}}``
 gives the rows ``per-class IoU / disc``, ....
 """
@@ -82,16 +89,28 @@ def _fmt(x: Any) -> str:
     return f"{v:.4g}"
 
 
-def _interval(ci: Any) -> str:
+def _percent(x: Any) -> str:
+    """A fraction as a percentage with one decimal (0.4567 -> "45.7"), never "-0.0"."""
+    v = _num(x)
+    if v is None or not math.isfinite(v):
+        return _fmt(x)
+    return f"{round(100 * v, 1) + 0.0:.1f}"
+
+
+def _interval(ci: Any, fmt: Any = _fmt) -> str:
     lo, hi = ci
-    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+    return f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+#: The units a metric may name, and how each shows its numbers.
+_UNITS = {"%": _percent}
 
 
 def metric_rows(metrics: Mapping[str, Any]) -> Tuple[List[str], List[List[str]]]:
     """The metrics table: ``(header, rows)`` of strings.
 
     Columns beyond the metric and its value appear only when some metric has
-    them (module docstring for the keys).  Δ is ``value - floor``.
+    them (module docstring for the keys, and for ``"unit"``).  Δ is ``value - floor``.
     """
     flat: List[Tuple[str, Dict[str, Any]]] = []
 
@@ -114,19 +133,26 @@ def metric_rows(metrics: Mapping[str, Any]) -> Tuple[List[str], List[List[str]]]
     header = ["metric"] + [head for _, head in used]
     rows = []
     for name, m in flat:
-        row = [name]
+        unit = m.get("unit")
+        if unit is not None and unit not in _UNITS:
+            raise ValueError(f"metric_rows: metric {name!r} has unit {unit!r}; the units are "
+                             f"{sorted(_UNITS)} ('%': fractions shown as percentages)")
+        fmt = _fmt if unit is None else _UNITS[unit]
+        row = [name if unit is None else f"{name} ({unit})"]
         for k, _ in used:
             v = m.get(k)
             if v is None:
                 row.append("")
             elif k in ("ci", "delta_ci"):
-                row.append(_interval(v))
+                row.append(_interval(v, fmt))
             elif k == "value" and m.get("std") is not None:
-                row.append(f"{_fmt(v)} ± {_fmt(m['std'])}")
+                row.append(f"{fmt(v)} ± {fmt(m['std'])}")
             elif k == "delta":
-                row.append(("+" if _num(v) is not None and _num(v) > 0 else "") + _fmt(v))
+                text = fmt(v)  # "+" on a gain, but not on one that rounds to "0.0"
+                plus = (_num(v) or 0.0) > 0 and text.strip("0.") != ""
+                row.append(("+" if plus else "") + text)
             else:
-                row.append(_fmt(v))
+                row.append(fmt(v))
         rows.append(row)
     return header, rows
 
@@ -244,7 +270,7 @@ def write_report(output_dir: PathLike, *, metrics: Mapping[str, Any],
     Args:
         output_dir: the report folder (created if needed).
         metrics: name -> number, or name -> ``{"value", "std", "ci", "floor",
-            "delta_ci"}`` (module docstring), or name -> a group of those.
+            "delta_ci", "unit"}`` (module docstring), or name -> a group of those.
         figures: caption -> PNG path, in display order.  Linked by path relative
             to ``output_dir``; pictures outside it are copied into
             ``output_dir/figures/``.

@@ -1,0 +1,67 @@
+"""The one set of ``torch.distributed`` helpers every layer uses.
+
+Every function works without an initialised process group (one process: rank 0
+of 1), so callers never test ``is_initialized()`` themselves.  The collectives
+move tensors on the device the caller gives them (the process group's device:
+CPU for gloo, the GPU for NCCL).
+
+>>> from cribo import distributed as dist
+>>> if dist.is_main():
+...     print(f"rank {dist.rank()} of {dist.world_size()}")
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["initialized", "rank", "world_size", "is_main", "all_gather_rows",
+           "all_reduce_sum"]
+
+
+def initialized() -> bool:
+    """True when a default process group is up (under ``torchrun``, after
+    ``init_process_group``)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank; 0 without a process group."""
+    return torch.distributed.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes; 1 without a process group."""
+    return torch.distributed.get_world_size() if initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the process that writes files."""
+    return rank() == 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sums ``t`` over the processes in place (nothing without a process group);
+    returns ``t``."""
+    if world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_gather_rows(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows of ``x`` (R_p, ...) from every process, concatenated in rank order,
+    and each process's row count R_p (P,).  Processes may hold different R_p."""
+    if world_size() == 1:
+        return x, np.array([x.shape[0]], np.int64)
+    n = torch.tensor([x.shape[0]], dtype=torch.int64)
+    sizes: List[torch.Tensor] = [torch.zeros_like(n) for _ in range(world_size())]
+    torch.distributed.all_gather(sizes, n)
+    counts = np.array([int(s) for s in sizes], np.int64)
+    buf = torch.zeros((int(counts.max()),) + tuple(x.shape[1:]),
+                      dtype=torch.from_numpy(x[:0]).dtype)
+    buf[: x.shape[0]] = torch.from_numpy(x)
+    parts = [torch.zeros_like(buf) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, buf)
+    rows = np.concatenate([p[: int(c)].numpy() for p, c in zip(parts, counts)])
+    return rows, counts
