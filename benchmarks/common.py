@@ -16,7 +16,7 @@ import re
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -68,12 +68,12 @@ class Sizes:
 
     @staticmethod
     def quick() -> "Sizes":
-        return Sizes(B=4, N=36, d=32, K=8, n_iters=5, sinkhorn_iters=5,
-                     sinkhorn_lambda=20.0, pos_weight=2.0,
-                     queue_images=200, objects_per_image=8, queue_dim=32,
-                     n_queries=50, push_images=4,
-                     L=512, M_objects=40, B_global=4,
-                     budget_s=0.05, min_repeats=3, max_repeats=5)
+        """The reference's hyper-parameters at small shapes and a short timing budget."""
+        return replace(Sizes.reference(), B=4, N=36, d=32, K=8,
+                       queue_images=200, objects_per_image=8, queue_dim=32,
+                       n_queries=50, push_images=4,
+                       L=512, M_objects=40, B_global=4,
+                       budget_s=0.05, max_repeats=5)
 
 
 # ============================================================================
@@ -226,6 +226,45 @@ def make_loss_inputs(seed: int, B: int, M: int, L: int) -> dict[str, Any]:
 
 LOSS_HPARAMS = {"student_temp": 0.1, "teacher_temp": 0.04, "teacher_temp_objects": 0.07,
                 "weights": (1.0, 1.0, 1.0), "center_momentum": 0.9}
+
+
+# ============================================================================
+# What the baselines return (NumPy arrays or torch tensors; run.py compares
+# them with cribo's results field by field)
+# ============================================================================
+
+
+@dataclass
+class Match:
+    """``ObjectQueue.match``: per query, the queue row each view matched, the
+    two cycle checks, the matched rows and their cosine similarities."""
+
+    index1: Any  # (M,) int64
+    index2: Any  # (M,) int64
+    mask1: Any  # (M,) bool
+    mask2: Any  # (M,) bool
+    targets1: Any  # (M, d) float32
+    targets2: Any  # (M, d) float32
+    similarity1: Any  # (M,) float32
+    similarity2: Any  # (M,) float32
+
+
+MATCH_FIELDS = tuple(f.name for f in fields(Match))
+
+
+@dataclass
+class CriboLosses:
+    """``cribo_losses``: the three losses, their weighted total, the gradients
+    w.r.t. the student logits and the updated centres."""
+
+    total: float
+    global_: float
+    objects: float
+    neighbours: float
+    grad_global: Any  # (2, B, L)
+    grad_objects: Any  # (2, M, L)
+    center_global: Any  # (L,)
+    center_objects: Any  # (L,)
 
 
 # ============================================================================
@@ -442,22 +481,27 @@ def loaded_openblas() -> list[dict[str, Any]]:
             rec["error"] = str(e)
             out.append(rec)
             continue
-        for sym in ("scipy_openblas_get_config64_", "scipy_openblas_get_config",
-                    "openblas_get_config64_", "openblas_get_config"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn.restype = ctypes.c_char_p
-                rec["config"] = fn().decode(errors="replace")
-                break
-        for sym in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-                    "openblas_get_num_threads64_", "openblas_get_num_threads"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn.restype = ctypes.c_int
-                rec["num_threads"] = int(fn())
-                break
+        config = _call_first(lib, "get_config", ctypes.c_char_p)
+        if config is not None:
+            rec["config"] = config.decode(errors="replace")
+        n_threads = _call_first(lib, "get_num_threads", ctypes.c_int)
+        if n_threads is not None:
+            rec["num_threads"] = int(n_threads)
         out.append(rec)
     return out
+
+
+def _call_first(lib: ctypes.CDLL, name: str, restype: Any) -> Any:
+    """``openblas_<name>()`` under the first of its exported spellings (the
+    scipy-openblas wheels prefix ``scipy_``, 64-bit builds suffix ``64_``) with
+    the given return type; None where the library has none of them."""
+    for sym in (f"scipy_openblas_{name}64_", f"scipy_openblas_{name}",
+                f"openblas_{name}64_", f"openblas_{name}"):
+        fn = getattr(lib, sym, None)
+        if fn is not None:
+            fn.restype = restype
+            return fn()
+    return None
 
 
 def numpy_blas() -> dict[str, Any]:

@@ -31,7 +31,7 @@ Inputs are seeded: bank rows are noisy copies of 64 random centres (clustered,
 like real patch features), queries likewise.  Before timing, the top-k of the
 first queries is checked against a float64 NumPy reference; a wrong result is
 never timed.  Output: a table and one JSON document (``--json``, default
-``benchmarks/dense_search.json``) with the machine, versions, git SHA and,
+``benchmarks/dense_search.json``) with the machine, versions, git state and,
 per thread count, the median and IQR of the times.
 """
 from __future__ import annotations
@@ -40,14 +40,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, List
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import common  # benchmarks/common.py: the suite's machine record (CPU model, git state)
+
+REPO = common.REPO_ROOT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,25 +81,6 @@ def _available_bytes() -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _clustered(rng: np.random.Generator, centres: np.ndarray, n: int,
@@ -223,7 +205,7 @@ def main(argv: List[str] | None = None) -> int:
     doc = {"benchmark": "dense_search", "M": M, "images": a.images, "patches": a.patches,
            "Q": Q, "Q_requested": a.bank, "d": d, "k": k, "gflop_per_search": flops / 1e9,
            "note": note, "results": records,
-           "machine": {"cpu": _cpu_model(), "cores": cores, "platform": platform.platform(),
+           "machine": {"cpu": common.cpu_model(), "cores": cores, "platform": platform.platform(),
                        "load_average_before": list(load) if load is not None else None},
            "versions": {"python": platform.python_version(), "numpy": np.__version__,
                         "cribo": cribo.__version__,
@@ -231,7 +213,7 @@ def main(argv: List[str] | None = None) -> int:
                                   if k2 in ("internal_api", "version", "filepath",
                                             "architecture")}
                                  for i in threadpool_info() if i.get("user_api") == "blas"]},
-           "git": _git_sha(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+           "git": common.git_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(doc, fh, indent=2)

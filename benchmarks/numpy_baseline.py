@@ -14,7 +14,7 @@ written the obvious way --
 * losses: two-pass (max, then exp-sum) softmax / log-softmax and the explicit
   gradient formula dH/ds = (softmax(s/tau_s) - p_t) / tau_s.
 
-Shapes follow the cribo API (/tmp/cribo/API.md): tokens (B, 2, N, d),
+Shapes follow the cribo API (README.md, cribo.ops): tokens (B, 2, N, d),
 positions (B, 2, N, 2), labels (B, 2, N), objects (B, 2, K, d).
 """
 
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from common import CriboLosses, Match
 
 F32 = np.float32
 
@@ -174,18 +176,6 @@ def pool_backward(grad_objects: np.ndarray, labels: np.ndarray, n_clusters: int)
 # ============================================================================
 
 
-@dataclass
-class Match:
-    index1: np.ndarray
-    index2: np.ndarray
-    mask1: np.ndarray
-    mask2: np.ndarray
-    targets1: np.ndarray
-    targets2: np.ndarray
-    similarity1: np.ndarray
-    similarity2: np.ndarray
-
-
 class ObjectQueue:
     """Newest-first list of images' objects, kept as two (R, d) arrays.
 
@@ -261,28 +251,17 @@ def softmax_cross_entropy(student_logits: np.ndarray, teacher_logits: np.ndarray
     return -(pt * ls).sum(-1, dtype=F32), (qs - pt) / F32(student_temp)
 
 
-@dataclass
-class CriboLosses:
-    total: float
-    global_: float
-    objects: float
-    neighbours: float
-    grad_global: np.ndarray  # (2, B, L)
-    grad_objects: np.ndarray  # (2, M, L)
-    center_global: np.ndarray  # (L,)
-    center_objects: np.ndarray  # (L,)
-
-
 def cribo_losses(student_global: np.ndarray, teacher_global: np.ndarray,
                  student_objects: np.ndarray, teacher_objects: np.ndarray,
                  teacher_neighbours: np.ndarray, mask1: np.ndarray, mask2: np.ndarray, *,
                  center_global: np.ndarray, center_objects: np.ndarray,
-                 student_temp: float = 0.1, teacher_temp: float = 0.07,
-                 teacher_temp_objects: float | None = None,
-                 weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 center_momentum: float = 0.9) -> CriboLosses:
+                 student_temp: float, teacher_temp: float,
+                 teacher_temp_objects: float | None,
+                 weights: tuple[float, float, float],
+                 center_momentum: float) -> CriboLosses:
     """L_g + L_o + L_nn with gradients w.r.t. the student logits and the
-    updated centres (docs/method.md §5, the paper's Z1/Z2 normalisation)."""
+    updated centres (docs/method.md §5, the paper's Z1/Z2 normalisation).
+    The hyper-parameters have no defaults: run.py passes common.LOSS_HPARAMS."""
     tt_o = teacher_temp if teacher_temp_objects is None else teacher_temp_objects
     ts = F32(student_temp)
     wg, wo, wn = weights

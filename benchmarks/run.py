@@ -407,11 +407,10 @@ class QueueCase(Case):
         return lambda: queue.match(t1, t2)
 
     def _as_numpy(self, m: Any) -> dict[str, Any]:
+        import common  # noqa: PLC0415
         np = self.env.np
-        keys = ("index1", "index2", "mask1", "mask2", "targets1", "targets2",
-                "similarity1", "similarity2")
         out = {}
-        for k in keys:
+        for k in common.MATCH_FIELDS:
             v = getattr(m, k)
             out[k] = v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else np.asarray(v)
         return out

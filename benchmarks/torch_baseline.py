@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from common import CriboLosses, Match
+
 # ============================================================================
 # Clustering (docs/method.md §2)
 # ============================================================================
@@ -142,18 +144,6 @@ def pool_forward_backward(tokens: torch.Tensor, labels: torch.Tensor, n_clusters
 # ============================================================================
 
 
-@dataclass
-class Match:
-    index1: torch.Tensor
-    index2: torch.Tensor
-    mask1: torch.Tensor
-    mask2: torch.Tensor
-    targets1: torch.Tensor
-    targets2: torch.Tensor
-    similarity1: torch.Tensor
-    similarity2: torch.Tensor
-
-
 class ObjectQueue:
     """Queue of two (2, R, d) tensors, newest first (the reference's centroids_queue)."""
 
@@ -200,27 +190,16 @@ class ObjectQueue:
 # ============================================================================
 
 
-@dataclass
-class CriboLosses:
-    total: float
-    global_: float
-    objects: float
-    neighbours: float
-    grad_global: torch.Tensor
-    grad_objects: torch.Tensor
-    center_global: torch.Tensor
-    center_objects: torch.Tensor
-
-
 def cribo_losses(student_global: torch.Tensor, teacher_global: torch.Tensor,
                  student_objects: torch.Tensor, teacher_objects: torch.Tensor,
                  teacher_neighbours: torch.Tensor, mask1: torch.Tensor, mask2: torch.Tensor, *,
                  center_global: torch.Tensor, center_objects: torch.Tensor,
-                 student_temp: float = 0.1, teacher_temp: float = 0.07,
-                 teacher_temp_objects: float | None = None,
-                 weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 center_momentum: float = 0.9) -> CriboLosses:
-    """Reference-style loss (CrIBoLoss.forward) + autograd backward + centres."""
+                 student_temp: float, teacher_temp: float,
+                 teacher_temp_objects: float | None,
+                 weights: tuple[float, float, float],
+                 center_momentum: float) -> CriboLosses:
+    """Reference-style loss (CrIBoLoss.forward) + autograd backward + centres
+    (hyper-parameters as for numpy_baseline.cribo_losses)."""
     tt_o = teacher_temp if teacher_temp_objects is None else teacher_temp_objects
     wg, wo, wn = weights
     sg = student_global.detach().requires_grad_(True)  # leaf logits, (2, B, L)

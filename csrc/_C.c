@@ -95,7 +95,7 @@ static int run_softmax_cross_entropy(const char *fn, const char *s_name, const c
 /* ------------------------------------------------------------------ threads */
 
 static const arg_spec set_num_threads_args[] = {
-    {"n", S_INT, NULL, 0, 1, 256, 0, 0, NULL},
+    {"n", S_INT, NULL, 0, 1, CRIBO_MAX_THREADS, 0, 0, NULL},
 };
 static const entry_spec set_num_threads_spec = {"set_num_threads", set_num_threads_args, 1, NULL};
 

@@ -1,4 +1,5 @@
-/* cluster.c -- joint-space clustering, docs/method.md §2.
+/* cluster.c -- joint-space clustering, docs/method.md §2 (one file for the section, as
+ * every section of csrc/ has one, which makes it longer than the others).
  *
  * Per image (images run in parallel, each on one thread with single-threaded BLAS):
  *   Zn = rows of [z1; z2] L2-normalised                 (J, D)
@@ -100,21 +101,15 @@ size_t cribo_cluster_workspace_size(int64_t N, int64_t D, int64_t K)
 
 /* ---------------------------------------------------------------- helpers */
 
-/* y[j] (double) += a * x[j] (float), elementwise. */
-CRIBO_INLINE void axpy_d(double *y, double a, const float *x, int64_t n)
+/* y[j] += x[j], a float row widened (exactly) to double, elementwise. */
+CRIBO_INLINE void add_widened(double *y, const float *x, int64_t n)
 {
-    const cribo_vd av = (cribo_vd){0} + a;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        cribo_vfh xf;
-        cribo_vd yd;
-        memcpy(&xf, x + j, sizeof xf);
-        memcpy(&yd, y + j, sizeof yd);
-        yd += av * __builtin_convertvector(xf, cribo_vd);
-        memcpy(y + j, &yd, sizeof yd);
+        vd_store(y + j, vd_load(y + j) + vd_widen(x + j));
     }
     for (; j < n; j++) {
-        y[j] += a * (double)x[j];
+        y[j] += (double)x[j];
     }
 }
 
@@ -124,12 +119,7 @@ CRIBO_INLINE void axpy_dd(double *y, double a, const double *x, int64_t n)
     const cribo_vd av = (cribo_vd){0} + a;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        cribo_vd xd;
-        cribo_vd yd;
-        memcpy(&xd, x + j, sizeof xd);
-        memcpy(&yd, y + j, sizeof yd);
-        yd += av * xd;
-        memcpy(y + j, &yd, sizeof yd);
+        vd_store(y + j, vd_load(y + j) + av * vd_load(x + j));
     }
     for (; j < n; j++) {
         y[j] += a * x[j];
@@ -142,11 +132,7 @@ CRIBO_INLINE double dot_dd(const double *x, const double *y, int64_t n)
     cribo_vd acc = {0};
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        cribo_vd xd;
-        cribo_vd yd;
-        memcpy(&xd, x + j, sizeof xd);
-        memcpy(&yd, y + j, sizeof yd);
-        acc += xd * yd;
+        acc += vd_load(x + j) * vd_load(y + j);
     }
     double r = acc[0] + acc[1] + acc[2] + acc[3];
     for (; j < n; j++) {
@@ -261,8 +247,9 @@ static void cost_to_logits(cluster_ws *w, int64_t JK, double alpha, double lambd
             s[i] = -s[i];
         }
     }
-    const float hi = cribo_row_max(s, JK);
-    const float lo = cribo_row_min(s, JK);
+    float lo;
+    float hi;
+    cribo_row_range(s, JK, &lo, &hi);
     const double range = (double)hi - (double)lo;
     if (range > 0.0) {
         const float scale = (float)(-lambda / range);
@@ -324,7 +311,7 @@ static void sinkhorn_exp(cluster_ws *w, int64_t J, int64_t K, int64_t iters)
             w->u[j] = 0.0;
         }
         for (int64_t k = 0; k < K; k++) {
-            axpy_d(w->u, 1.0, E + k * J, J);
+            add_widened(w->u, E + k * J, J);
         }
         double tot = 0.0;
         for (int64_t j = 0; j < J; j++) {
@@ -403,7 +390,7 @@ static void sinkhorn_log(cluster_ws *w, int64_t J, int64_t K, int64_t iters)
             for (int64_t j = 0; j < J; j++) {
                 w->tmp[j] = cribo_expf(row[j] + gk - w->fj[j]);
             }
-            axpy_d(w->u, 1.0, w->tmp, J);
+            add_widened(w->u, w->tmp, J);
         }
         for (int64_t j = 0; j < J; j++) {
             w->f[j] = log_r - ((double)w->fj[j] + log(w->u[j]));
@@ -468,7 +455,7 @@ static void similarity(cluster_ws *w, int64_t J, int64_t K)
     memset(w->acc, 0, (size_t)(K * J) * sizeof(double));
     memset(w->nrm, 0, (size_t)K * sizeof(double));
     for (int64_t m = 0; m < J; m++) {
-        axpy_d(w->acc + w->lab[m] * J, 1.0, w->gram + m * J, J);
+        add_widened(w->acc + w->lab[m] * J, w->gram + m * J, J);
     }
     for (int64_t j = 0; j < J; j++) {
         w->nrm[w->lab[j]] += w->acc[w->lab[j] * J + j];

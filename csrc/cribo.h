@@ -35,11 +35,22 @@
 
 /* ------------------------------------------------------------------ parallel.c */
 
-/* Calls fn(ctx, begin, end, tid) on the static split of [0, n) into n_threads
- * contiguous chunks (chunk t = [n*t/T, n*(t+1)/T)), chunk 0 on the calling thread.
- * Falls back to the calling thread alone if a thread cannot be started. */
+#define CRIBO_MAX_THREADS 256
+
+/* Calls fn(ctx, begin, end, tid) on the static split of [0, n) into
+ * T = cribo_thread_count(n, n_threads) contiguous chunks (chunk t = [n*t/T, n*(t+1)/T)),
+ * chunk 0 on the calling thread.  A chunk whose thread cannot be started runs on
+ * the calling thread, with its own tid. */
 typedef void (*cribo_task_fn)(void *ctx, int64_t begin, int64_t end, int tid);
 void cribo_parallel_for(int64_t n, int n_threads, cribo_task_fn fn, void *ctx);
+
+/* The number of chunks (tids 0 .. T-1) cribo_parallel_for(n, n_threads, ...) runs:
+ * n_threads clamped to [1, CRIBO_MAX_THREADS], then to n (0 where n <= 0). */
+int cribo_thread_count(int64_t n, int n_threads);
+
+/* The first non-zero of status[0 .. T-1] (per-thread error codes, in tid order),
+ * or CRIBO_OK. */
+int cribo_first_error(const int *status, int T);
 
 /* 1 if every one of the n floats is finite, else 0. */
 int cribo_all_finite(const float *x, int64_t n);
@@ -80,8 +91,8 @@ void cribo_cluster(int64_t *labels, int64_t *counts, float *plan,
  *   work   n_threads * cribo_pool_workspace_size(D, K) bytes */
 size_t cribo_pool_workspace_size(int64_t D, int64_t K);
 void cribo_pool(float *out, const float *tokens, const int64_t *labels,
-                        int64_t B, int64_t N, int64_t D, int64_t K,
-                        void *work, int n_threads);
+                int64_t B, int64_t N, int64_t D, int64_t K,
+                void *work, int n_threads);
 
 /* Backward of cribo_pool w.r.t. tokens.
  *   dtokens (B, 2, N, D)  overwritten: dout[b, i, labels[b, i, n]] / count, 0 for -1
@@ -101,8 +112,8 @@ void cribo_pool_backward(float *dtokens, const float *dout, const int64_t *label
  *           and its column sums) */
 size_t cribo_pool_soft_workspace_size(int64_t N, int64_t K);
 void cribo_pool_soft(float *out, const float *tokens, const float *weights,
-                             int64_t B, int64_t N, int64_t D, int64_t K,
-                             void *work, int n_threads);
+                     int64_t B, int64_t N, int64_t D, int64_t K,
+                     void *work, int n_threads);
 
 /* Backward of cribo_pool_soft w.r.t. tokens: dtokens = Qhat @ dout.
  *   dtokens (B, 2, N, D) overwritten;  dout (B, 2, K, D) */

@@ -10,7 +10,6 @@
  * (float partial sums over blocks of 512, double across blocks); pass 3 writes the
  * gradient once.  Rows are independent and split statically over threads. */
 #include <math.h>
-#include <string.h>
 
 #include "cribo.h"
 #include "workspace.h"
@@ -36,7 +35,7 @@ typedef struct {
     double inv_s, inv_a, inv_b;
     char *work;
     size_t ws;
-    int bad[256];
+    int bad[CRIBO_MAX_THREADS]; /* per thread: the CRIBO_ENONFINITE_* code of its row */
 } softmax_cross_entropy_job;
 
 /* Pass 1 for one row: x[l] = (t[l] - c[l]) * a (c may be NULL: zero) and its
@@ -196,32 +195,15 @@ int cribo_softmax_cross_entropy(float *loss_a, float *loss_b, float *grad,
                                 double student_temp, double temp_a, double temp_b,
                                 void *work, int n_threads)
 {
-    int T = n_threads < 1 ? 1 : (n_threads > 256 ? 256 : n_threads);
-    softmax_cross_entropy_job job;
-    memset(&job, 0, sizeof job);
-    job.loss_a = loss_a;
-    job.loss_b = loss_b;
-    job.grad = grad;
-    job.s = s;
-    job.ta = ta;
-    job.tb = tb;
-    job.ca = ca;
-    job.cb = cb;
-    job.wa = wa;
-    job.wb = wb;
-    job.L = L;
-    job.inv_s = 1.0 / student_temp;
-    job.inv_a = 1.0 / temp_a;
-    job.inv_b = 1.0 / temp_b;
-    job.work = (char *)work;
-    job.ws = cribo_softmax_cross_entropy_workspace_size(L);
+    const int T = cribo_thread_count(R, n_threads);
+    softmax_cross_entropy_job job = {
+        .loss_a = loss_a, .loss_b = loss_b, .grad = grad,
+        .s = s, .ta = ta, .tb = tb, .ca = ca, .cb = cb, .wa = wa, .wb = wb, .L = L,
+        .inv_s = 1.0 / student_temp, .inv_a = 1.0 / temp_a, .inv_b = 1.0 / temp_b,
+        .work = (char *)work, .ws = cribo_softmax_cross_entropy_workspace_size(L),
+    }; /* bad[] starts zero */
     cribo_parallel_for(R, T, softmax_cross_entropy_task, &job);
-    for (int t = 0; t < T; t++) {
-        if (job.bad[t]) {
-            return job.bad[t];
-        }
-    }
-    return CRIBO_OK;
+    return cribo_first_error(job.bad, T);
 }
 
 /* ------------------------------------------------------------------ centre */

@@ -8,8 +8,6 @@
 
 #include "cribo.h"
 
-#define CRIBO_MAX_THREADS 256
-
 typedef struct {
     cribo_task_fn fn;
     void *ctx;
@@ -25,10 +23,10 @@ static void *run_task(void *arg)
     return NULL;
 }
 
-void cribo_parallel_for(int64_t n, int n_threads, cribo_task_fn fn, void *ctx)
+int cribo_thread_count(int64_t n, int n_threads)
 {
     if (n <= 0) {
-        return;
+        return 0;
     }
     int T = n_threads < 1 ? 1 : n_threads;
     if (T > CRIBO_MAX_THREADS) {
@@ -36,6 +34,25 @@ void cribo_parallel_for(int64_t n, int n_threads, cribo_task_fn fn, void *ctx)
     }
     if ((int64_t)T > n) {
         T = (int)n;
+    }
+    return T;
+}
+
+int cribo_first_error(const int *status, int T)
+{
+    for (int t = 0; t < T; t++) {
+        if (status[t] != CRIBO_OK) {
+            return status[t];
+        }
+    }
+    return CRIBO_OK;
+}
+
+void cribo_parallel_for(int64_t n, int n_threads, cribo_task_fn fn, void *ctx)
+{
+    const int T = cribo_thread_count(n, n_threads);
+    if (T == 0) {
+        return;
     }
     if (T == 1) {
         fn(ctx, 0, n, 0);

@@ -61,7 +61,6 @@
  *  of 200 000 rows at k = 30, 13 at k = 1, measured) -- a cost negligible next to
  *  the sgemm's Q D per query. */
 #include <math.h>
-#include <string.h>
 
 #include "blas.h"
 #include "cribo.h"
@@ -127,7 +126,7 @@ typedef struct {
     double bound;       /* E */
     char *work;
     size_t tb;          /* bytes per thread */
-    int bad[256];       /* per thread: a non-finite row was met */
+    int bad[CRIBO_MAX_THREADS]; /* per thread: CRIBO_ENONFINITE once a non-finite row is met */
 } topk_job;
 
 /* out (n, D) = rows of x L2-normalised, nrm (n) = their norms sqrt(cribo_dot_f64(r, r))
@@ -215,13 +214,13 @@ static void search_task(void *ctx, int64_t begin, int64_t end, int tid)
         const int64_t q0 = blk * CRIBO_TOPK_BROWS;
         const int64_t nb = Q - q0 < CRIBO_TOPK_BROWS ? Q - q0 : CRIBO_TOPK_BROWS;
         if (!normalized_copy(w.bn, w.bnrm, job->bank + q0 * D, nb, D)) {
-            job->bad[tid] = 1;
+            job->bad[tid] = CRIBO_ENONFINITE;
             return;
         }
         for (int64_t m0 = 0; m0 < M; m0 += CRIBO_TOPK_QROWS) {
             const int64_t mq = M - m0 < CRIBO_TOPK_QROWS ? M - m0 : CRIBO_TOPK_QROWS;
             if (!normalized_copy(w.qn, w.qnrm, job->queries + m0 * D, mq, D)) {
-                job->bad[tid] = 1;
+                job->bad[tid] = CRIBO_ENONFINITE;
                 return;
             }
             /* (mq,nb) = (mq,D) @ (nb,D)^T */
@@ -248,40 +247,28 @@ int cribo_topk_cosine(int64_t *idx, float *sim, const float *queries, const floa
                       int64_t M, int64_t Q, int64_t D, int64_t k,
                       void *work, int n_threads)
 {
-    int T = n_threads < 1 ? 1 : (n_threads > 256 ? 256 : n_threads);
     const int64_t n_blocks = (Q + CRIBO_TOPK_BROWS - 1) / CRIBO_TOPK_BROWS;
-    if ((int64_t)T > n_blocks) {
-        T = (int)n_blocks;
-    }
-    topk_job job;
-    memset(&job, 0, sizeof job);
-    job.queries = queries;
-    job.bank = bank;
-    job.qids = query_ids;
-    job.bids = bank_ids;
-    job.M = M;
-    job.Q = Q;
-    job.D = D;
-    job.k = k;
-    job.bound = cribo_topk_error_bound(D);
-    job.work = (char *)work;
+    const int T = cribo_thread_count(n_blocks, n_threads);
     topk_ws w = {0};
-    job.tb = carve(&w, NULL, M, D, k);
+    topk_job job = {
+        .queries = queries, .bank = bank, .qids = query_ids, .bids = bank_ids,
+        .M = M, .Q = Q, .D = D, .k = k, .bound = cribo_topk_error_bound(D),
+        .work = (char *)work, .tb = carve(&w, NULL, M, D, k),
+    }; /* bad[] starts zero */
 
     cribo_parallel_for(n_blocks, T, search_task, &job);
-    for (int t = 0; t < T; t++) {
-        if (job.bad[t]) {
-            return CRIBO_ENONFINITE;
-        }
+    const int err = cribo_first_error(job.bad, T);
+    if (err != CRIBO_OK) {
+        return err;
     }
     /* Merge the per-thread lists: repeatedly take the best head (thread t holds a
      * contiguous range of bank blocks, and ties go to the lower index). */
-    topk_ws tw[256];
+    topk_ws tw[CRIBO_MAX_THREADS];
     for (int t = 0; t < T; t++) {
         carve(&tw[t], job.work + (size_t)t * job.tb, M, D, k);
     }
     for (int64_t m = 0; m < M; m++) {
-        int64_t head[256];
+        int64_t head[CRIBO_MAX_THREADS];
         for (int t = 0; t < T; t++) {
             head[t] = 0;
         }

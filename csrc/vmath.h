@@ -71,24 +71,29 @@ CRIBO_INLINE float vf_hmax(cribo_vf v)
     return r;
 }
 
-CRIBO_INLINE float vf_hmin(cribo_vf v)
+/* 4 doubles at p; 4 floats at p widened (exactly) to double. */
+CRIBO_INLINE cribo_vd vd_load(const double *p)
 {
-    float r = v[0];
-    for (int i = 1; i < CRIBO_VL; i++) {
-        r = v[i] < r ? v[i] : r;
-    }
-    return r;
+    cribo_vd v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+CRIBO_INLINE void vd_store(double *p, cribo_vd v) { memcpy(p, &v, sizeof v); }
+
+CRIBO_INLINE cribo_vd vd_widen(const float *p)
+{
+    cribo_vfh h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, cribo_vd);
 }
 
 /* acc[0..1] += v, widened to double. */
 CRIBO_INLINE void vd_accumulate(cribo_vd acc[2], cribo_vf v)
 {
-    cribo_vfh lo;
-    cribo_vfh hi;
-    memcpy(&lo, &v, sizeof lo);
-    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
-    acc[0] += __builtin_convertvector(lo, cribo_vd);
-    acc[1] += __builtin_convertvector(hi, cribo_vd);
+    const float *f = (const float *)&v;
+    acc[0] += vd_widen(f);
+    acc[1] += vd_widen(f + CRIBO_VL / 2);
 }
 
 CRIBO_INLINE double vd_hsum(const cribo_vd acc[2])
@@ -106,23 +111,27 @@ CRIBO_INLINE double vd_hsum(const cribo_vd acc[2])
 #define CRIBO_EXP_LO (-87.0f)
 #define CRIBO_EXP_HI 88.0f
 
+/* The steps both twins below take, written once as expressions that read the same
+ * for a float and for a cribo_vf (a scalar operand is broadcast), so the scalar
+ * tail and the vector lanes cannot drift apart:
+ *   n = round(x / ln 2) with the 1.5 * 2^23 trick (exact under round-to-nearest),
+ *   r = x - n ln 2 in two steps (ln 2 split in a short head and a tail),
+ *   exp(r) for |r| <= ln2/2 by Cephes' polynomial in Horner form. */
+#define CRIBO_EXP_ROUND(x) ((x) * 1.44269504088896341f + 12582912.0f - 12582912.0f)
+#define CRIBO_EXP_REDUCE(x, n) ((x) - (n) * 0.693359375f - (n) * -2.12194440e-4f)
+#define CRIBO_EXP_POLY(r)                                                              \
+    ((((((1.9875691500e-4f * (r) + 1.3981999507e-3f) * (r) + 8.3334519073e-3f) * (r) + \
+        4.1665795894e-2f) * (r) + 1.6666665459e-1f) * (r) + 5.0000001201e-1f) *        \
+         ((r) * (r)) + (r) + 1.0f)
+
 CRIBO_INLINE float cribo_expf(float x)
 {
     const int ok = x >= CRIBO_EXP_LO;
     float xc = ok ? x : CRIBO_EXP_LO;
     xc = xc > CRIBO_EXP_HI ? CRIBO_EXP_HI : xc;
-    /* n = round(x / ln 2) with the 1.5 * 2^23 trick (exact under round-to-nearest). */
-    float n = xc * 1.44269504088896341f + 12582912.0f;
-    n = n - 12582912.0f;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    const float n = CRIBO_EXP_ROUND(xc);
+    const float r = CRIBO_EXP_REDUCE(xc, n);
+    const float p = CRIBO_EXP_POLY(r);
     int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
@@ -135,17 +144,9 @@ CRIBO_INLINE cribo_vf vf_exp(cribo_vf x)
     const cribo_vi ok = x >= vf_set1(CRIBO_EXP_LO);
     cribo_vf xc = vf_select(ok, x, vf_set1(CRIBO_EXP_LO));
     xc = vf_select(xc > vf_set1(CRIBO_EXP_HI), vf_set1(CRIBO_EXP_HI), xc);
-    cribo_vf n = xc * 1.44269504088896341f + 12582912.0f;
-    n = n - 12582912.0f;
-    cribo_vf r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    cribo_vf p = vf_set1(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    const cribo_vf n = CRIBO_EXP_ROUND(xc);
+    const cribo_vf r = CRIBO_EXP_REDUCE(xc, n);
+    const cribo_vf p = CRIBO_EXP_POLY(r);
     const cribo_vi bits = (__builtin_convertvector(n, cribo_vi) + 127) << 23;
     const cribo_vf y = p * (cribo_vf)bits;
     return (cribo_vf)((cribo_vi)y & ok);
@@ -153,38 +154,44 @@ CRIBO_INLINE cribo_vf vf_exp(cribo_vf x)
 
 /* ------------------------------------------------------------ row reductions */
 
-CRIBO_INLINE float cribo_row_max(const float *x, int64_t n)
+/* *lo and *hi = the smallest and largest of x (+inf and -inf where n == 0): whole
+ * vectors lane by lane, the lanes in order, then the tail -- one pass for both. */
+CRIBO_INLINE void cribo_row_range(const float *x, int64_t n, float *lo, float *hi)
 {
     int64_t i = 0;
-    float r = -INFINITY;
+    float rl = INFINITY;
+    float rh = -INFINITY;
     if (n >= CRIBO_VL) {
-        cribo_vf m = vf_load(x);
+        cribo_vf ml = vf_load(x);
+        cribo_vf mh = ml;
         for (i = CRIBO_VL; i + CRIBO_VL <= n; i += CRIBO_VL) {
-            m = vf_max(m, vf_load(x + i));
+            const cribo_vf v = vf_load(x + i);
+            ml = vf_min(ml, v);
+            mh = vf_max(mh, v);
         }
-        r = vf_hmax(m);
+        rl = ml[0];
+        rh = mh[0];
+        for (int l = 1; l < CRIBO_VL; l++) {
+            rl = ml[l] < rl ? ml[l] : rl;
+            rh = mh[l] > rh ? mh[l] : rh;
+        }
     }
     for (; i < n; i++) {
-        r = x[i] > r ? x[i] : r;
+        rl = x[i] < rl ? x[i] : rl;
+        rh = x[i] > rh ? x[i] : rh;
     }
-    return r;
+    *lo = rl;
+    *hi = rh;
 }
 
-CRIBO_INLINE float cribo_row_min(const float *x, int64_t n)
+/* The largest of x (-inf where n == 0); the unused minimum is dead code, dropped
+ * by the compiler (the function is always inlined). */
+CRIBO_INLINE float cribo_row_max(const float *x, int64_t n)
 {
-    int64_t i = 0;
-    float r = INFINITY;
-    if (n >= CRIBO_VL) {
-        cribo_vf m = vf_load(x);
-        for (i = CRIBO_VL; i + CRIBO_VL <= n; i += CRIBO_VL) {
-            m = vf_min(m, vf_load(x + i));
-        }
-        r = vf_hmin(m);
-    }
-    for (; i < n; i++) {
-        r = x[i] < r ? x[i] : r;
-    }
-    return r;
+    float lo;
+    float hi;
+    cribo_row_range(x, n, &lo, &hi);
+    return hi;
 }
 
 /* sum of x in double lanes. */
@@ -235,13 +242,8 @@ CRIBO_INLINE double cribo_dot_f64(const float *x, const float *y, int64_t n)
     cribo_vd acc[2] = {{0}, {0}};
     int64_t i = 0;
     for (; i + CRIBO_VL <= n; i += CRIBO_VL) {
-        cribo_vfh xl, xh, yl, yh;
-        memcpy(&xl, x + i, sizeof xl);
-        memcpy(&xh, x + i + CRIBO_VL / 2, sizeof xh);
-        memcpy(&yl, y + i, sizeof yl);
-        memcpy(&yh, y + i + CRIBO_VL / 2, sizeof yh);
-        acc[0] += __builtin_convertvector(xl, cribo_vd) * __builtin_convertvector(yl, cribo_vd);
-        acc[1] += __builtin_convertvector(xh, cribo_vd) * __builtin_convertvector(yh, cribo_vd);
+        acc[0] += vd_widen(x + i) * vd_widen(y + i);
+        acc[1] += vd_widen(x + i + CRIBO_VL / 2) * vd_widen(y + i + CRIBO_VL / 2);
     }
     double r = vd_hsum(acc);
     for (; i < n; i++) {

@@ -7,7 +7,9 @@ log-sum-exp. It never imports ``cribo`` or ``cribo._C`` and shares no code with
 the package; the C operators are tested against it.
 
 Every function converts its float inputs to float64 and returns float64 (or
-int64 / bool for indices and masks).
+int64 / bool for indices and masks).  It is one file, longer than the modules of
+the package, so that the whole reference can be read (and checked against
+docs/method.md) without following imports.
 
 Edge choices made explicit here (each also stated where it is coded):
 

@@ -5,6 +5,10 @@ independence of every operator, algebraic properties of pooling and the losses,
 top-k optimality and tie-breaking, extreme inputs, and the object queue against
 the list-of-images model in tests/reference.py.  Float data come from NumPy
 generators seeded by hypothesis, so shrinking acts on shapes and seeds.
+
+One file for the properties of every operator (longer than most) because they
+share the strategies at its top and are run together under each BLAS kernel by
+tests/ops/test_blas_kernels.py.
 """
 from __future__ import annotations
 

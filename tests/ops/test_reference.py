@@ -3,6 +3,9 @@
 Gradients against central finite differences and torch.autograd, tiny cases
 worked out by hand (the expected numbers come from the arithmetic in the
 comments, not from running the code), and hypothesis properties.
+
+One file for the whole reference, as tests/reference.py is one file: a reader
+checks the reference's trustworthiness in one place.
 """
 
 from __future__ import annotations

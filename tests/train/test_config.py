@@ -3,9 +3,12 @@ its value is read (flags, TOML/JSON/YAML files, presets, overrides), with the
 option named as the user wrote it; then the checks across options.
 
 The bad values below are written by hand from what each option means and from
-the limits of the C kernels that receive them (csrc/_C.c, cribo/ops/losses.py);
+the limits of the C kernels that receive them (csrc/_C.c);
 ``test_every_option_has_bad_values`` keeps the table complete when an option
-is added."""
+is added.
+
+One file, longer than most: the table of bad values and the option rules are
+one list that must stay complete together."""
 from __future__ import annotations
 
 import json

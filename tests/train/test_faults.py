@@ -4,7 +4,9 @@ distributed run, two runs into one folder, a full disk, Ctrl-C, resuming with
 other options, a requeued job), each with what it must leave behind and say.
 
 Every run is tiny (tests/runs.py's TINY, one thread, no data workers);
-the long versions are marked slow, each with a short version in CI."""
+the long versions are marked slow, each with a short version in CI.  One file,
+longer than most, because every fault shares the same tiny runs and helpers
+that inflict the faults and read what a run left behind."""
 from __future__ import annotations
 
 import errno

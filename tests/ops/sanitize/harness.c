@@ -6,6 +6,7 @@
  * size the kernel contract gives (workspace from the *_workspace_size functions),
  * so any read or write past the end is reported by ASan.  Kernels that are split
  * over threads run with 1 and 3 threads and must give bitwise-equal results.
+ * One file (longer than most) so that one compile links every kernel once.
  * Exits 0 on success; prints "FAIL: ..." and exits 1 on the first broken invariant
  * (a sanitizer report aborts the process with its own non-zero status). */
 #include <math.h>
