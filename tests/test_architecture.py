@@ -407,12 +407,17 @@ def test_checker_resolves_imports(tmp_path):
 
 
 def test_checker_fails_on_a_planted_upward_import(tmp_path):
-    """A copy of the real tree with ``from ..evaluation import job`` inside a
-    function of cribo/train/loop.py: the checker names the edge and the cycle."""
+    """The old train <-> pipeline cycle, planted in a copy of the real tree: the
+    training loop imports the evaluation job inside a function (as train.py once
+    imported pipeline.py), and the job imports the loop (as pipeline.py once
+    imported train.py's builders).  The checker names the upward edge and the
+    cycle."""
     shutil.copytree(ROOT / PACKAGE, tmp_path / PACKAGE,
                     ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd"))
     loop = tmp_path / PACKAGE / "train" / "loop.py"
     loop.write_text(loop.read_text() + "\n\ndef _planted():\n    from ..evaluation import job\n")
+    job = tmp_path / PACKAGE / "evaluation" / "job.py"
+    job.write_text(job.read_text() + "\n\ndef _planted():\n    from ..train.loop import train\n")
     problems = check_tree(tmp_path)
     assert any(p.startswith("cribo.train.loop (line ") and "from ..evaluation import job" in p
                and "layer 'train' may not import layer 'evaluation'" in p for p in problems), \

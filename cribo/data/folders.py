@@ -35,6 +35,8 @@ from typing import Any, List, Sequence, Set, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from ._index import image_index
+
 __all__ = ["ImageFolder", "UnreadableImageWarning", "ImageFolderWarning", "IMAGE_EXTENSIONS",
            "load_rgb", "to_rgb"]
 
@@ -338,11 +340,7 @@ class ImageFolder:
 
     def __getitem__(self, index: int) -> np.ndarray:
         n = len(self.paths)
-        i = int(index)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"ImageFolder: index {index} out of range for {n} images")
+        i = image_index(index, n, "ImageFolder")
         for k in range(n):
             j = (i + k) % n
             if self._flags[j]:

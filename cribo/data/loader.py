@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
+from ._index import image_index
 from .views import TwoViewTransform
 
 __all__ = ["TwoViewDataset", "EpochBatchSampler", "make_loader", "set_epoch"]
@@ -79,12 +80,7 @@ class TwoViewDataset:
                 f"patch_size={self.transform.patch_size}, seed={self.seed}, epoch={self.epoch})")
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        n = len(self.source)
-        i = int(index)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"TwoViewDataset: index {index} out of range for {n} images")
+        i = image_index(index, len(self.source), "TwoViewDataset")
         item = self.source[i]
         image = item[0] if isinstance(item, tuple) else item
         v1, v2 = self.transform(image, self.rng(i))

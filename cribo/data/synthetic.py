@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._index import image_index
 __all__ = ["SyntheticScenes", "SceneObject", "CLASS_SPECS", "PALETTE", "SHAPES", "TEXTURES"]
 
 # 12 well-separated colours (from Trubetskoy's list of distinct colours), uint8 RGB.
@@ -182,13 +183,7 @@ class SyntheticScenes:
                 f"size={self.size}, seed={self.seed}, n_classes={self.n_classes})")
 
     def _index(self, index: int) -> int:
-        i = int(index)
-        if i < 0:
-            i += self.n_images
-        if not 0 <= i < self.n_images:
-            raise IndexError(f"SyntheticScenes: index {index} out of range for "
-                             f"{self.n_images} images")
-        return i
+        return image_index(index, self.n_images, "SyntheticScenes")
 
     def __getitem__(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         i = self._index(index)

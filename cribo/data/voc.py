@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from ._index import image_index
 from .folders import PathLike, load_rgb
 
 __all__ = ["VOCSegmentation", "VOC_CLASSES", "CLASS_LIST_FILES", "read_class_names"]
@@ -321,12 +322,7 @@ class VOCSegmentation:
         return f"VOCSegmentation({self.root!r}, split={self.split!r}, {len(self)} images)"
 
     def __getitem__(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
-        n = len(self.ids)
-        k = int(index)
-        if k < 0:
-            k += n
-        if not 0 <= k < n:
-            raise IndexError(f"VOCSegmentation: index {index} out of range for {n} images")
+        k = image_index(index, len(self.ids), "VOCSegmentation")
         i = self.ids[k]
         image = load_rgb(self._image_path(i), exif=False)  # masks ignore EXIF too
         path = self._mask_path(i)

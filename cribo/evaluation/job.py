@@ -88,7 +88,7 @@ def teacher_backbone(cfg: TrainConfig) -> torch.nn.Module:
             (the message names the file and says what is wrong with it).
     """
     from ..nn.checkpoints import read_checkpoint
-    from ..train.loop import build_models
+    from ..train.build import build_models
 
     backbone = build_models(cfg)["teacher"].backbone
     state = read_checkpoint(RunFolder(cfg.output_dir).teacher_backbone, who="teacher_backbone")
@@ -251,7 +251,7 @@ def teacher_usage(cfg: TrainConfig, n_images: int = 64) -> Dict[str, float]:
     """
     from ..nn.checkpoints import read_checkpoint
     from ..ops.pooling import pool
-    from ..train.loop import build_data, build_models
+    from ..train.build import build_data, build_models
 
     ck = read_checkpoint(RunFolder(cfg.output_dir).checkpoint, who="teacher_usage")
     teacher = build_models(cfg)["teacher"]

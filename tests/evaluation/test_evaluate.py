@@ -258,7 +258,7 @@ def test_linear_probe_and_retrieval_on_a_vit_are_deterministic(block_data):
 
 def test_random_init_like_with_the_run_seed_is_the_runs_starting_point(tmp_path):
     from cribo.train.config import config_from_args
-    from cribo.train.loop import build_models
+    from cribo.train.build import build_models
 
     from runs import TINY
 

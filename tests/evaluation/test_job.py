@@ -20,7 +20,7 @@ from cribo.cli.pretrain import main  # noqa: E402
 from cribo.evaluation.job import (encode_and_cluster, evaluate_backbone,  # noqa: E402
                                   evaluation_settings, teacher_backbone, teacher_usage)
 from cribo.train.config import config_from_args  # noqa: E402
-from cribo.train.loop import build_models  # noqa: E402
+from cribo.train.build import build_models  # noqa: E402
 from cribo.train.run_folder import RunFolder  # noqa: E402
 
 
