@@ -11,9 +11,10 @@ import sys
 import numpy
 from setuptools import Extension, setup
 
+# csrc/*.c: the pure C kernels; csrc/binding/: the only code that knows Python/NumPy.
 sources = [os.path.join("csrc", f) for f in
-           ("_C.c", "_args.c", "parallel.c", "cluster.c", "pool.c", "queue.c",
-            "loss.c")]
+           ("binding/_C.c", "binding/args.c", "parallel.c", "cluster.c", "pool.c",
+            "queue.c", "loss.c")]
 include_dirs = [numpy.get_include(), "csrc"]
 library_dirs = []
 libraries = []
@@ -61,8 +62,8 @@ setup(
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,
-            depends=[os.path.join("csrc", f)
-                     for f in ("_args.h", "cribo.h", "blas.h", "vmath.h", "workspace.h")],
+            depends=[os.path.join("csrc", f) for f in
+                     ("binding/args.h", "cribo.h", "blas.h", "vmath.h", "workspace.h")],
         )
     ]
 )

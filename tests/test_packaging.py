@@ -105,8 +105,8 @@ def sdist_names(path: Path) -> Set[str]:
 def test_sdist_holds_the_sources_and_documents_and_nothing_built(built):
     names = sdist_names(built["sdist"])
     files = repo_files()
-    must = {f for f in files if re.fullmatch(r"csrc/[^/]+\.[ch]", f)}
-    assert {"csrc/cribo.h", "csrc/_C.c", "csrc/cluster.c"} <= must  # the pattern found them
+    must = {f for f in files if re.fullmatch(r"csrc/(binding/)?[^/]+\.[ch]", f)}
+    assert {"csrc/cribo.h", "csrc/binding/_C.c", "csrc/cluster.c"} <= must  # the pattern found them
     must |= {f for f in files if f.startswith("docs/")}
     must |= {f for f in files if f.startswith("cribo/") and f.endswith(".py")}
     must |= {"LICENSE", "README.md", "pyproject.toml", "setup.py", "MANIFEST.in",

@@ -2,7 +2,7 @@
 
 Every function takes array-likes, converts them visibly (any float dtype to
 C-contiguous float32, any integer dtype to int64; see ``cribo.ops._arrays``) and
-calls the binding entry point of the same name and keywords (csrc/_C.c), which
+calls the binding entry point of the same name and keywords (csrc/binding/_C.c), which
 owns every rule about the arguments (shapes, ranges, finiteness; errors name
 the function and the argument) and runs a C kernel with the GIL released.
 Nothing here needs torch.

@@ -1,7 +1,7 @@
 """Argument conversion shared by the NumPy API.
 
 The C binding accepts only native, aligned, C-contiguous float32/int64/bool arrays,
-never casts, and owns every rule about shapes and values (csrc/_C.c, its argument
+never casts, and owns every rule about shapes and values (csrc/binding/_C.c, its argument
 spec tables).  These helpers are the one visible place where user input becomes
 such arrays: any floating-point array (float16/32/64, any byte order or strides) is
 converted to C-contiguous float32, any integer array to C-contiguous int64.

@@ -52,7 +52,7 @@ def _seed(seed: Any, fn: str) -> Any:
 
 
 def _draw(n_images: int, n_tokens: int, n_clusters: int, seed: Any) -> np.ndarray:
-    """The draw itself, called by the binding once its arguments pass (csrc/_C.c)."""
+    """The draw itself, called by the binding once its arguments pass (csrc/binding/_C.c)."""
     J = 2 * n_tokens
     if np.ndim(seed) == 0:
         row = np.random.default_rng(int(seed)).choice(J, n_clusters, replace=False)

@@ -7,7 +7,7 @@ inputs with the expected messages, its non-finite inputs, a larger call for the 
 test).  Adding an operator means adding one ``Op``; every test below then covers it:
 
 - each bad input raises the right type with the message ``"fn: arg must be ...,
-  got ..."`` (csrc/_C.c and csrc/_args.c write every message), through ``cribo._C`` directly and
+  got ..."`` (csrc/binding/_C.c and csrc/binding/args.c write every message), through ``cribo._C`` directly and
   through the public function;
 - ``cribo._C`` refuses wrong dtypes, byte orders, layouts, non-arrays, wrong ndim,
   missing or unknown arguments (never a crash); the public API converts dtype, byte

@@ -3,7 +3,7 @@ its value is read (flags, TOML/JSON/YAML files, presets, overrides), with the
 option named as the user wrote it; then the checks across options.
 
 The bad values below are written by hand from what each option means and from
-the limits of the C kernels that receive them (csrc/_C.c);
+the limits of the C kernels that receive them (csrc/binding/_C.c);
 ``test_every_option_has_bad_values`` keeps the table complete when an option
 is added.
 

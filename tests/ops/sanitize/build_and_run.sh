@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the C kernels of csrc/ (everything but the Python binding: _C.c and _args.c) together
+# Builds the C kernels csrc/*.c (the Python binding lives apart, in csrc/binding/) together
 # with tests/ops/sanitize/harness.c under AddressSanitizer + UndefinedBehaviorSanitizer,
 # against the scipy-openblas32 wheel the package itself links, and runs the harness.
 # No Python is involved at run time; Python is used only to locate the OpenBLAS wheel.
@@ -35,7 +35,6 @@ read -r blas_inc blas_lib < <("$PYTHON" -c \
 
 sources=()
 for f in csrc/*.c; do
-    case "$(basename "$f")" in _C.c | _args.c) continue ;; esac
     sources+=("$f")
 done
 

@@ -1,23 +1,23 @@
 /* _C.c -- the module cribo._C: one entry point per public operator of cribo/ops, each
  * with the table of its argument rules, and the module definition.  Together with
- * csrc/_args.c (the argument checker, interface in csrc/_args.h) it is the only code of
+ * csrc/binding/args.c (the argument checker, interface in csrc/binding/args.h) it is the only code of
  * cribo that knows Python and NumPy, and the one owner of every argument rule of the
  * operators.
  *
  * Why one file of nearly 1000 lines: every entry point lives here so that each operator's rules
  * sit in one table next to its kernel call, and the module's method table lists them
- * all; what is generic (parsing a call against a table, the messages) is in _args.c.
+ * all; what is generic (parsing a call against a table, the messages) is in args.c.
  *
  * Each entry point has the name and the keyword names of its public Python function
  * (the modules of cribo/ops, which only convert array-likes and dispatch) and a table of
  * argument specs (arg_spec: dtype and symbolic shape such as "B,2,N,d" for arrays, kind
- * and range for scalars; see _args.h) read by ONE checker, cribo_args_check_call(), which
+ * and range for scalars; see args.h) read by ONE checker, cribo_args_check_call(), which
  * parses the call and writes every message ("fn: arg must be ..., got ..." with the public
  * function and argument names).  Rules that are not shapes (K <= 2N, distinct seeds,
  * labels in range, ids given together, ...) are written next to the table of their entry
  * point.  Then: allocate outputs and workspace, release the GIL around the kernel, map
  * its status to an exception. */
-#include "_args.h" /* first: Python.h, NumPy (its API table is filled in PyInit__C) */
+#include "args.h" /* first: Python.h, NumPy (its API table is filled in PyInit__C) */
 
 #include <math.h>
 #include <stdio.h>
@@ -119,7 +119,7 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *args)
 
 /* ------------------------------------------------------------------ cluster, draw_init */
 
-#define SEED_MAX 9223372036854775807.0 /* 2^63 - 1 (rounds to 2^63; see check_int, _args.c) */
+#define SEED_MAX 9223372036854775807.0 /* 2^63 - 1 (rounds to 2^63; see check_int, args.c) */
 
 /* The joint tokens of one image bound the clusters: K <= 2N. */
 static int check_clusters_fit(const call_t *c, const char *k_name)

@@ -1,8 +1,8 @@
-/* _args.c -- the argument checker of the binding (interface, rules and messages:
- * csrc/_args.h).  Generic: it knows spec tables, not operators; each operator's table
- * and its rules that are not about one argument live in csrc/_C.c. */
+/* args.c -- the argument checker of the binding (interface, rules and messages:
+ * csrc/binding/args.h).  Generic: it knows spec tables, not operators; each operator's table
+ * and its rules that are not about one argument live in csrc/binding/_C.c. */
 #define NO_IMPORT_ARRAY /* the API table is filled by import_array() in _C.c */
-#include "_args.h"
+#include "args.h"
 
 PyObject *cribo_args_ValueError = NULL;
 PyObject *cribo_args_TypeError = NULL;

@@ -1,11 +1,11 @@
-/* _args.h -- the argument checker of the binding: the spec types every entry point of
- * csrc/_C.c fills in, and the one checker that reads them (csrc/_args.c).
+/* args.h -- the argument checker of the binding: the spec types every entry point of
+ * csrc/binding/_C.c fills in, and the one checker that reads them (csrc/binding/args.c).
  *
  * Only the binding includes this header (it includes Python.h and NumPy); the kernels
  * and tests/ops/sanitize/ never see it.  Include it FIRST, before any system header
  * (Python.h must come first).  It also fixes, for both files, how the NumPy C API is
  * reached: one API table, cribo_ARRAY_API, filled by import_array() in _C.c's module
- * init; _args.c defines NO_IMPORT_ARRAY before including this header and so uses the
+ * init; args.c defines NO_IMPORT_ARRAY before including this header and so uses the
  * same table.  The API level (NPY_TARGET_VERSION, NumPy 1.25) comes from setup.py.
  *
  * ------------------------------------------------------------------ how a call is checked
