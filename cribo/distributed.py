@@ -1,7 +1,9 @@
 """The one set of ``torch.distributed`` helpers every layer uses.
 
 Every function works without an initialised process group (one process: rank 0
-of 1), so callers never test ``is_initialized()`` themselves.  The collectives
+of 1), so callers never test ``is_initialized()`` themselves.  torch is imported
+on first use, so :func:`launched_world_size` (the launcher's ``WORLD_SIZE``)
+serves torch-free code too.  The collectives
 move tensors on the device the caller gives them (the process group's device:
 CPU for gloo, the GPU for NCCL).
 
@@ -11,28 +13,46 @@ CPU for gloo, the GPU for NCCL).
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+import os
+from typing import TYPE_CHECKING, List, Tuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["initialized", "rank", "world_size", "is_main", "all_gather_rows",
-           "all_reduce_sum"]
+           "all_reduce_sum", "launched_world_size"]
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher (``torchrun``) started, from its
+    ``WORLD_SIZE``, before any process group exists; 1 when unset or malformed."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
 
 
 def initialized() -> bool:
     """True when a default process group is up (under ``torchrun``, after
     ``init_process_group``)."""
+    import torch
+
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def rank() -> int:
     """This process's rank; 0 without a process group."""
+    import torch
+
     return torch.distributed.get_rank() if initialized() else 0
 
 
 def world_size() -> int:
     """The number of processes; 1 without a process group."""
+    import torch
+
     return torch.distributed.get_world_size() if initialized() else 1
 
 
@@ -41,9 +61,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(t: "torch.Tensor") -> "torch.Tensor":
     """Sums ``t`` over the processes in place (nothing without a process group);
     returns ``t``."""
+    import torch
+
     if world_size() > 1:
         torch.distributed.all_reduce(t)
     return t
@@ -54,6 +76,8 @@ def all_gather_rows(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     and each process's row count R_p (P,).  Processes may hold different R_p."""
     if world_size() == 1:
         return x, np.array([x.shape[0]], np.int64)
+    import torch
+
     n = torch.tensor([x.shape[0]], dtype=torch.int64)
     sizes: List[torch.Tensor] = [torch.zeros_like(n) for _ in range(world_size())]
     torch.distributed.all_gather(sizes, n)

@@ -72,7 +72,7 @@ synthetic scenes, then measure dense nearest-neighbour retrieval (docs/method.md
 teacher against the same network untrained."""),
         new_code_cell(SETUP),
         new_code_cell("""import tempfile
-from cribo.config import config_from_args
+from cribo.train.config import config_from_args
 from cribo.train import train
 
 out = tempfile.mkdtemp(prefix="cribo-nb02-")
@@ -88,12 +88,12 @@ summary = train(cfg)
 print({k: round(v, 3) for k, v in summary["history"][-1].items()})"""),
         new_code_cell("""from cribo import viz
 viz.plot_curves(out)"""),
-        new_code_cell("""from cribo.evaluate import dense_evaluation, paired_bootstrap, random_init_like
-from cribo.pipeline import _teacher_backbone, eval_datasets
+        new_code_cell("""from cribo.evaluation import dense_evaluation, paired_bootstrap, random_init_like
+from cribo.evaluation.job import teacher_backbone, eval_datasets
 
 cfg.eval_train_images, cfg.eval_val_images = (16, 8) if TINY else (100, 50)
 train_set, val_set = eval_datasets(cfg)
-teacher = _teacher_backbone(cfg)
+teacher = teacher_backbone(cfg)
 kw = dict(image_size=cfg.scene_size, progress=False)
 trained, probe = dense_evaluation(teacher, train_set, val_set, **kw)
 floor, probe0 = dense_evaluation(random_init_like(teacher, cfg.seed), train_set, val_set, **kw)
@@ -108,12 +108,12 @@ viz.plot_predictions([val_set[i][0] for i in idx], [val_set[i][1] for i in idx],
     "03_ablation.ipynb": [
         new_markdown_cell("""# 03 · An ablation: full CrIBo against its global term alone (DINO)
 
-`cribo.ablate.run_ablation` trains each variant with the same compute and seeds and
+`cribo.evaluation.ablate.run_ablation` trains each variant with the same compute and seeds and
 evaluates them like the main job. At CPU scale use several seeds and look at the
 spread before believing a difference."""),
         new_code_cell(SETUP),
         new_code_cell("""import tempfile
-from cribo.ablate import VARIANTS, run_ablation
+from cribo.evaluation.ablate import VARIANTS, run_ablation
 print(sorted(VARIANTS))
 out = tempfile.mkdtemp(prefix="cribo-nb03-")
 common = ["--no-progress", "--num-workers", "0"]

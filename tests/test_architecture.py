@@ -52,7 +52,7 @@ EXTENSIONS = ("cribo._C",)
 
 #: Modules that must import with torch absent.
 TORCH_FREE = ("cribo", "cribo.ops", "cribo.data", "cribo.train.config",
-              "cribo.train.run_folder", "cribo.nn.architectures")
+              "cribo.train.run_folder", "cribo.nn.architectures", "cribo.distributed")
 
 
 # =============================================================================

@@ -160,9 +160,9 @@ def _check_device(device: str, label: str) -> None:
 def _preflight_pretrain(argv: Sequence[str]) -> "TrainConfig":
     """Options, data, output folder, device and packages of ``cribo pretrain``;
     returns the configuration, parsed once here for the command."""
-    from ..train.config import _config_and_origin
+    from ..train.config import config_and_origin
 
-    cfg, origin = _config_and_origin(list(argv))  # --help prints and exits here
+    cfg, origin = config_and_origin(list(argv))  # --help prints and exits here
 
     def L(name: str) -> str:
         return origin.get(name, name)
@@ -204,13 +204,11 @@ def _preflight_ablate(argv: Sequence[str]) -> None:
         return
     _require("torch", "cribo ablate")
     _require("PIL.Image", "cribo ablate (the image pipeline)")
-    from ..evaluation.ablate import DEFAULT_VARIANTS, VARIANTS
-    from ..train.config import ConfigError, _config_and_origin, check_evaluation
+    from ..evaluation.ablate import VARIANTS
+    from ..train.config import ConfigError, check_evaluation, config_and_origin
+    from .ablate import add_options
 
-    p = _QuietParser(add_help=False, allow_abbrev=False)
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--table-only", action="store_true")
+    p = add_options(_QuietParser(add_help=False, allow_abbrev=False))
     try:
         a, _ = p.parse_known_args(own)
     except _UsageError:  # cribo ablate's own parser reports it
@@ -226,8 +224,8 @@ def _preflight_ablate(argv: Sequence[str]) -> None:
     for name in (v for v in a.variants.split(",") if v in VARIANTS):
         for seed in a.seeds:
             try:  # the options run_ablation gives each run; every run is evaluated
-                cfg, origin = _config_and_origin(list(extra) + VARIANTS[name] +
-                                                 ["--seed", str(seed), "--no-evaluate"])
+                cfg, origin = config_and_origin(list(extra) + VARIANTS[name] +
+                                                ["--seed", str(seed), "--no-evaluate"])
                 check_evaluation(cfg, origin, hint="")
             except ConfigError as e:
                 raise ConfigError(f"variant {name}, seed {seed}: {e}") from None

@@ -217,8 +217,11 @@ def _load(option: str, path: str, a: argparse.Namespace) -> Any:
 
 
 def _pct(v: Optional[float]) -> str:
-    """A score in [0, 1] as a percentage with one decimal (the house rule); "-" if none."""
-    return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:5.1f}"
+    """A score in [0, 1] as a percentage with one decimal (the house rule,
+    :func:`cribo.viz.report.percent`), five wide; "-" if none."""
+    from ..viz.report import percent
+
+    return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{percent(v):>5}"
 
 
 def _table(models: Dict[str, Dict[str, Any]]) -> str:

@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None, cfg: Optional[TrainConfig] = None
     # process takes it at once; in a distributed run rank 0 takes it inside
     # train(), once the processes have met (refused before, it would leave the
     # others waiting for it), and again here for the evaluation.
-    single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    single = dist.launched_world_size() == 1
     try:
         with lock_folder(cfg.output_dir) if single else contextlib.nullcontext():
             try:

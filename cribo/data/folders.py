@@ -1,4 +1,4 @@
-"""Images from disk: any folder of images, and Pascal-VOC-style segmentation folders.
+"""Images from disk: decoding one file, and any folder of images.
 
 Decoding (:func:`load_rgb`) gives 8-bit RGB.  Pillow's own ``convert("RGB")``
 clips 16- and 32-bit gray images (a 16-bit PNG comes out almost white), so
@@ -21,9 +21,9 @@ Pillow reads 16-bit-per-channel RGB(A) and gray + alpha PNGs as 8-bit itself
 (the high byte of each sample), so those need nothing more.
 
 Folders are scanned by :class:`ImageFolder`, which follows every real folder
-once and ends its scan with one line saying what it found and skipped;
-:class:`VOCSegmentation` reads VOC-style segmentation folders, their class
-list (:func:`read_class_names`) and checks their masks before any work.
+once and ends its scan with one line saying what it found and skipped.
+Pascal-VOC-style segmentation folders are :mod:`cribo.data.voc`'s (they decode
+their images with :func:`load_rgb`).
 """
 from __future__ import annotations
 

@@ -187,11 +187,12 @@ def make_loader(dataset: Any, batch_size: int, num_workers: int = 0, shuffle: bo
         raise ValueError(f"make_loader: num_workers must be >= 0, got {num_workers}")
     rank, world = 0, 1
     if distributed:
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
+        from .. import distributed as dist
+
+        if not dist.initialized():
             raise RuntimeError("make_loader: distributed=True needs an initialised process group "
                                "(torch.distributed.init_process_group, e.g. under torchrun)")
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = dist.rank(), dist.world_size()
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last, rank, world)
     if len(sampler) == 0:
         raise ValueError(f"make_loader: {len(dataset)} items make no full batch of "

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._index import image_index
+
 __all__ = ["SyntheticScenes", "SceneObject", "CLASS_SPECS", "PALETTE", "SHAPES", "TEXTURES"]
 
 # 12 well-separated colours (from Trubetskoy's list of distinct colours), uint8 RGB.

@@ -132,18 +132,20 @@ def _summarise(rows: Dict[str, Dict[int, Dict[str, float]]],
 
 
 def _write(table: Dict[str, Any], output_dir: str) -> None:
+    """``ablation.md`` (percentages with one decimal), ``ablation.json`` and, with
+    matplotlib, ``ablation.png`` of :func:`_summarise`'s table."""
+    from ..train.checkpoints import atomic_write_text
+    from ..viz.report import percent
+
     keys = [("retrieval_miou", "retrieval mIoU"), ("retrieval_fg_iou", "retrieval fg/bg IoU"),
             ("probe_miou", "probe mIoU"), ("probe_fg_iou", "probe fg/bg IoU")]
     header = ["| variant | seeds | " + " | ".join(label for _, label in keys) + " |",
               "|---|---:|" + "---:|" * len(keys)]
 
-    def pts(x: float) -> str:  # points, without a "-0.0"
-        return f"{round(100 * x, 1) + 0.0:.1f}"
-
     def cell(d: Dict[str, Any]) -> str:  # one seed has no spread to show
         if len(d["seeds"]) == 1:
-            return pts(d["mean"])
-        return f"{pts(d['mean'])} ± {pts(d['std'])}"
+            return percent(d["mean"])
+        return f"{percent(d['mean'])} ± {percent(d['std'])}"
 
     def row(name: str, m: Dict[str, Any]) -> str:
         return (f"| {name} | {len(m[keys[0][0]]['seeds'])} | "
@@ -158,10 +160,9 @@ def _write(table: Dict[str, Any], output_dir: str) -> None:
             lines += ["", f"{title}, mean ± std over seeds:", ""] + header
             lines += [row(name, m) for name, m in table[part].items()]
     md = "\n".join(lines) + "\n"
-    with open(os.path.join(output_dir, "ablation.md"), "w") as fh:
-        fh.write(md)
-    with open(os.path.join(output_dir, "ablation.json"), "w") as fh:
-        json.dump(table, fh, indent=2)
+    atomic_write_text(md, os.path.join(output_dir, "ablation.md"), "the ablation table")
+    atomic_write_text(json.dumps(table, indent=2), os.path.join(output_dir, "ablation.json"),
+                      "the ablation table")
     print(md)
     try:
         import matplotlib  # noqa: F401  (the picture needs the plot extra; the table does not)

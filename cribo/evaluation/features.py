@@ -2,7 +2,7 @@
 
 * :func:`load_backbone` reads our checkpoints (``teacher_backbone.pth``,
   ``checkpoint.pth``, or a run folder) and published DINO / CrIBo ones through
-  :func:`cribo.models.load_pretrained`; :func:`random_init_like` gives the
+  :func:`cribo.nn.load_pretrained`; :func:`random_init_like` gives the
   untrained-network floor of the same architecture.
 * :func:`eval_size` is the validation resolution rule; :func:`train_view` draws an
   augmented training view (random resized crop + flip) with its mask.
@@ -58,7 +58,7 @@ def load_backbone(path: str, *, key: str = "teacher", num_heads: Optional[int] =
     read from the ``config.json`` that ``cribo pretrain`` writes beside it),
     ``checkpoint.pth`` (the ``key`` entry, heads from its ``config``), a run
     folder (its ``teacher_backbone.pth``), or any checkpoint
-    :func:`cribo.models.load_pretrained` reads (heads ``embed_dim / 64`` unless
+    :func:`cribo.nn.load_pretrained` reads (heads ``embed_dim / 64`` unless
     ``num_heads`` is given).
 
     Args:
@@ -68,7 +68,7 @@ def load_backbone(path: str, *, key: str = "teacher", num_heads: Optional[int] =
         verbose: print the load report.
 
     Returns:
-        The :class:`cribo.models.VisionTransformer` in eval mode; its attribute
+        The :class:`cribo.nn.VisionTransformer` in eval mode; its attribute
         ``training_config`` holds the options of the ``cribo pretrain`` run that
         wrote the checkpoint (a dict), or None for a published checkpoint.
 
@@ -79,7 +79,7 @@ def load_backbone(path: str, *, key: str = "teacher", num_heads: Optional[int] =
             corrupt, text, unknown format, or holding Python objects other
             than tensors); the message names the file and says which.
     """
-    from .. import nn as models
+    from .. import nn
     from ..nn.architectures import heads_of_config
 
     path = os.fspath(path)
@@ -92,14 +92,14 @@ def load_backbone(path: str, *, key: str = "teacher", num_heads: Optional[int] =
     # Unreadable files (missing, empty, truncated, text, corrupt, foreign
     # objects) raise FileNotFoundError / ValueError naming the file; nothing
     # suggests loading it unsafely.
-    obj = models.read_checkpoint(path, who="load_backbone")
+    obj = nn.read_checkpoint(path, who="load_backbone")
     cfg = obj.get("config") if isinstance(obj, Mapping) else None
     if not isinstance(cfg, Mapping):
         cfg = _config_beside(path)
     heads = num_heads
     if heads is None and isinstance(cfg, Mapping):
         heads = heads_of_config(cfg)
-    model, report = models.load_pretrained(obj, key=key, num_heads=heads)
+    model, report = nn.load_pretrained(obj, key=key, num_heads=heads)
     if verbose:
         print(str(report).replace("<state dict>", path))
     model.training_config = dict(cfg) if isinstance(cfg, Mapping) else None
@@ -114,16 +114,16 @@ def random_init_like(model_or_config: Any, seed: int = 0):
     student, so with the run's seed this is the run's own starting point.
 
     Args:
-        model_or_config: a :class:`cribo.models.VisionTransformer` (its
+        model_or_config: a :class:`cribo.nn.VisionTransformer` (its
             ``config()`` is used) or that config as a dict.
         seed: the initialisation seed; the global torch RNG is left untouched.
 
     Returns:
-        A :class:`cribo.models.VisionTransformer` in eval mode, drop-path 0.
+        A :class:`cribo.nn.VisionTransformer` in eval mode, drop-path 0.
     """
     import torch
 
-    from .. import nn as models
+    from .. import nn
 
     if isinstance(model_or_config, Mapping):
         cfg = dict(model_or_config)
@@ -135,7 +135,7 @@ def random_init_like(model_or_config: Any, seed: int = 0):
     cfg["drop_path_rate"] = 0.0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = models.VisionTransformer(**cfg)
+        model = nn.VisionTransformer(**cfg)
     return model.eval()
 
 
@@ -292,7 +292,7 @@ def encode(backbone: Any, images: Sequence[np.ndarray], device: Any = None,
     whose forward returns ``(cls, patches)`` with patches (B, N, D).
 
     Args:
-        backbone: the network (a :class:`cribo.models.VisionTransformer` or any
+        backbone: the network (a :class:`cribo.nn.VisionTransformer` or any
             module with the same forward).
         images: (H_i, W_i, 3) uint8 images, sides multiples of the patch size.
         device: torch device of the backbone (default: that of its parameters).
@@ -305,10 +305,7 @@ def encode(backbone: Any, images: Sequence[np.ndarray], device: Any = None,
     import torch.nn.functional as F
 
     if device is None:
-        try:
-            device = next(backbone.parameters()).device
-        except (StopIteration, AttributeError):
-            device = torch.device("cpu")
+        device = _device_of(backbone)
     out: List[Optional[np.ndarray]] = [None] * len(images)
     groups: Dict[Tuple[int, ...], List[int]] = {}
     for i, im in enumerate(images):
@@ -323,6 +320,16 @@ def encode(backbone: Any, images: Sequence[np.ndarray], device: Any = None,
                 for j, i in enumerate(part):
                     out[i] = np.ascontiguousarray(z[j], dtype=np.float32)
     return out  # type: ignore[return-value]
+
+
+def _device_of(backbone: Any) -> Any:
+    """The torch device of ``backbone``'s parameters (the CPU when it has none)."""
+    import torch
+
+    try:
+        return next(backbone.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:

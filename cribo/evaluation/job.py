@@ -34,9 +34,9 @@ __all__ = ["evaluate_and_report", "evaluate_backbone", "evaluation_settings", "e
            "teacher_backbone", "teacher_usage", "ClusteredViews", "encode_and_cluster"]
 
 
-def eval_datasets(cfg: TrainConfig):
-    """(train, val) synthetic scenes for the dense evaluation (disjoint from nothing
-    the network saw at test time: 'val' is its own stream)."""
+def eval_datasets(cfg: TrainConfig) -> Tuple[Any, Any]:
+    """(train, val) :class:`cribo.data.SyntheticScenes` for the dense evaluation
+    ('val' is its own stream of scenes, disjoint from 'train')."""
     from ..data import SyntheticScenes
 
     train = SyntheticScenes("train", n_images=cfg.eval_train_images, size=cfg.scene_size,
@@ -148,6 +148,7 @@ def encode_and_cluster(cfg: TrainConfig, backbone: torch.nn.Module,
     """
     from ..data import TwoViewTransform
     from ..ops.clustering import cluster
+    from .features import _device_of
 
     if len(scenes) < 1:
         raise ValueError("encode_and_cluster: scenes must hold at least one image, got none")
@@ -156,12 +157,8 @@ def encode_and_cluster(cfg: TrainConfig, backbone: torch.nn.Module,
     images = np.stack([[v.image for v in pair] for pair in pairs]).astype(np.float32)
     positions = np.stack([[v.positions for v in pair] for pair in pairs]).astype(np.float32)
     B = images.shape[0]
-    try:
-        device = next(backbone.parameters()).device
-    except (StopIteration, AttributeError):
-        device = torch.device("cpu")
     with torch.no_grad():
-        x = _normalize(torch.from_numpy(images).flatten(0, 1)).to(device)
+        x = _normalize(torch.from_numpy(images).flatten(0, 1)).to(_device_of(backbone))
         cls, tok = backbone(x)
     cls_np = cls.float().cpu().numpy().reshape(B, 2, -1)
     tok_np = tok.float().cpu().numpy().reshape(B, 2, tok.shape[1], -1)

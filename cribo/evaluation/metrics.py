@@ -27,6 +27,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..viz.report import percent
+
 __all__ = [
     "IGNORE_INDEX", "confusion_matrix", "iou_per_class", "scores_from_confusion",
     "SegmentationScores", "Interval", "PairedBootstrap", "paired_bootstrap",
@@ -212,13 +214,8 @@ class Interval:
 
     def __str__(self) -> str:
         """In percentage points, one decimal, e.g. ``+2.5 [+0.4, +4.6] (95% CI)``."""
-        return (f"{_points(self.diff)} [{_points(self.low)}, {_points(self.high)}] "
-                f"({100 * self.level:.0f}% CI)")
-
-
-def _points(x: float) -> str:
-    """A difference of scores in signed percentage points, one decimal (no "-0.0")."""
-    return f"{round(100 * x, 1) + 0.0:+.1f}"
+        return (f"{percent(self.diff, signed=True)} [{percent(self.low, signed=True)}, "
+                f"{percent(self.high, signed=True)}] ({100 * self.level:.0f}% CI)")
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,8 @@ from .architectures import HEAD_DIM, architecture
 #: The constructor's default size: CrIBo's main model.
 _DEFAULT = architecture("vit_small")
 
-# HEAD_DIM is cribo.nn.architectures's, named here for code that imports it from vit.
 __all__ = ["VisionTransformer", "vit", "vit_tiny", "vit_small", "vit_base", "DropPath",
-           "LAYER_NORM_EPS", "HEAD_DIM"]
+           "LAYER_NORM_EPS"]
 
 #: LayerNorm epsilon of every published DINO / CrIBo ViT (their presets pass 1e-6).
 LAYER_NORM_EPS = 1e-6

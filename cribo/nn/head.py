@@ -23,6 +23,7 @@ from .backbone import _init_weights
 
 __all__ = ["CriboHead", "WeightNormLinear"]
 
+
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight normalisation, ``W = g * V / ||V||_row``.
 

@@ -38,13 +38,12 @@ from ..ops.clustering import cluster
 from ..ops.losses import CriboLosses
 from ..ops.pooling import pool
 from ..ops.queue import ObjectQueue
-from .autograd import (NonFiniteError, check_finite, fused_losses, host_float32, pool_tokens,
-                       student_logits)
+from .autograd import NonFiniteError, check_finite, fused_losses, host_float32, student_logits
 
-# NonFiniteError, pool_tokens and student_logits are defined in cribo.nn.autograd
-# and named here too: the objective raises the one and takes the others' output.
+# NonFiniteError and student_logits are defined in cribo.nn.autograd and named
+# here too: the objective raises the one and takes the other's output.
 __all__ = ["CriboObjective", "CriboStudent", "ObjectiveOutput", "NonFiniteError",
-           "pool_tokens", "student_logits", "image_seeds"]
+           "student_logits", "image_seeds"]
 
 #: What the objective asks of the student: given the teacher's cluster labels
 #: (B, 2, N) and valid clusters (B, K), the student's global logits (2, B, L) and

@@ -25,7 +25,8 @@ from .losses import CriboLosses, cribo_losses, softmax_cross_entropy, update_cen
 from .threads import get_num_threads, num_threads, set_num_threads
 from .pooling import pool, pool_backward
 
-#: What a broken argument rule raises (the binding writes every message): a
+#: What a broken argument rule raises (the binding writes the message of every
+#: rule; ``_arrays.py`` that of an input that is no array of numbers): a
 #: ValueError (shapes, ranges, finiteness) or a TypeError (dtypes, kinds).
 ArgumentError = _C.ArgumentError
 ArgumentTypeError = _C.ArgumentTypeError

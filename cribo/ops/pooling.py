@@ -23,7 +23,7 @@ def _assignment(assignment: Any, fn: str):
         return "hard", as_int64(a, fn, "labels")
     if a.dtype.kind == "f":
         return "soft", as_float32(a, fn, "weights")
-    raise TypeError(f"{fn}: assignment must be integer labels (B, 2, N) or float weights "
+    raise _C.ArgumentTypeError(f"{fn}: assignment must be integer labels (B, 2, N) or float weights "
                     f"(B, 2, N, K), got dtype {a.dtype}")
 
 

@@ -328,7 +328,8 @@ class ObjectQueue:
         required = ("capacity", "dim", "objects1", "objects2", "object_ids", "image_counts",
                     "image_ids")
         if not isinstance(state, dict):
-            raise TypeError(f"{fn}: state must be a dict from state_dict(), got {type(state)}")
+            raise _C.ArgumentTypeError(f"{fn}: state must be a dict from state_dict(), "
+                                       f"got {type(state)}")
         missing = [k for k in required if k not in state]
         if missing:
             raise KeyError(f"{fn}: state is missing {missing}")

@@ -23,15 +23,15 @@ def _default_threads() -> int:
             raise ValueError(f"CRIBO_NUM_THREADS must be a positive integer, got {env!r}") from None
         if n < 1:
             raise ValueError(f"CRIBO_NUM_THREADS must be a positive integer, got {env!r}")
-        return min(n, 256)
+        return min(n, _C.MAX_THREADS)
     try:
-        return max(1, min(len(os.sched_getaffinity(0)), 256))
+        return max(1, min(len(os.sched_getaffinity(0)), _C.MAX_THREADS))
     except AttributeError:  # not Linux
-        return max(1, min(os.cpu_count() or 1, 256))
+        return max(1, min(os.cpu_count() or 1, _C.MAX_THREADS))
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads (1..256) in every cribo kernel from now on."""
+    """Use ``n`` threads (1..256, ``cribo._C.MAX_THREADS``) in every cribo kernel from now on."""
     _C.set_num_threads(n=n)
 
 

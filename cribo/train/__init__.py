@@ -52,6 +52,8 @@ __all__ = ["TrainConfig", "PRESETS", "ConfigError", "build_parser", "check_confi
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
+        # Plain imports, not importlib: the layer check (tests/test_architecture.py)
+        # reads them.
         from . import build, faults, loop, profiler, resume
 
         modules = {"build": build, "faults": faults, "loop": loop, "profiler": profiler,

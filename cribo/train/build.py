@@ -118,9 +118,3 @@ def build_schedules(cfg: TrainConfig, n_iter: int, world: int) -> Dict[str, np.n
     schedules["teacher_temp_objects"] = teacher_temp_schedule(
         *cfg.object_teacher_temps, cfg.warmup_teacher_temp_epochs, cfg.epochs, n_iter)
     return schedules
-
-
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)

@@ -37,11 +37,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 from .run_folder import CHECKPOINT, CONFIG, LOCK, TEACHER_BACKBONE, snapshot_name
 
 __all__ = ["OutputWriteError", "FolderLocked", "atomic_save", "atomic_write_text",
-           "lock_folder", "remove_stale_temporaries", "snapshot", "snapshot_name",
-           "LOCK_NAME"]
-
-#: The lock file in the run folder.
-LOCK_NAME = LOCK
+           "lock_folder", "remove_stale_temporaries", "snapshot", "list_snapshots"]
 
 # The temporary files of the files cribo writes in a run folder (no others):
 # the checkpoint, its snapshots (snapshot_name: the stem and 4+ digits), the
@@ -213,7 +209,7 @@ def lock_folder(folder: str) -> Iterator[None]:
         finally:
             _HELD[key][1] -= 1
         return
-    path = os.path.join(folder, LOCK_NAME)
+    path = os.path.join(folder, LOCK)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

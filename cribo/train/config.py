@@ -49,11 +49,12 @@ from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, NoReturn, Op
 
 import numpy as np
 
+from ..distributed import launched_world_size
 from .run_folder import CHECKPOINT
 
 __all__ = ["TrainConfig", "PRESETS", "RENAMED", "ConfigError", "build_parser",
-           "config_from_args", "load_config_file", "check_config", "check_option",
-           "check_evaluation", "upgrade_saved_config"]
+           "config_from_args", "config_and_origin", "load_config_file", "check_config",
+           "check_option", "check_evaluation", "upgrade_saved_config"]
 
 
 class ConfigError(ValueError):
@@ -122,7 +123,8 @@ class TrainConfig:
     dist_timeout: float = _opt(600.0, "seconds a process waits for the others in a "
                                "collective before stopping with the rank that stopped "
                                "answering (distributed runs); it must also cover rank 0 "
-                               "writing a checkpoint, which the others wait for", low=0, low_open=True, high=1e7)
+                               "writing a checkpoint, which the others wait for",
+                               low=0, low_open=True, high=1e7)
     amp: bool = _opt(False, "mixed precision (bfloat16 autocast) for the networks")
     log_every: int = _opt(10, "iterations between JSON-lines log records", low=1)
     save_every: int = _opt(1, "epochs between checkpoints (one is always written at the end)",
@@ -659,13 +661,15 @@ def config_from_args(argv: Optional[Sequence[str]] = None,
         SystemExit: argparse's usage errors (an unknown flag, ``--epochs two``)
             and ``--help``.
     """
-    return _config_and_origin(argv, overrides)[0]
+    return config_and_origin(argv, overrides)[0]
 
 
-def _config_and_origin(argv: Optional[Sequence[str]] = None,
-                       overrides: Optional[Dict[str, Any]] = None
-                       ) -> Tuple[TrainConfig, Dict[str, str]]:
-    """The configuration, and where each option not at its default came from."""
+def config_and_origin(argv: Optional[Sequence[str]] = None,
+                      overrides: Optional[Dict[str, Any]] = None
+                      ) -> Tuple[TrainConfig, Dict[str, str]]:
+    """:func:`config_from_args`'s configuration, and where each option not at its
+    default came from, as the user wrote it ({``"lr"``: ``"--lr"``}; ``cribo``'s
+    checks name the options this way)."""
     ns = vars(build_parser().parse_args(argv))
     ns.pop("debug", None)
     path = ns.pop("config", None)
@@ -737,10 +741,7 @@ def _validate(cfg: TrainConfig, origin: Optional[Mapping[str, str]] = None) -> N
          f"{L('blur_sigma')} must be two numbers lo <= hi, got {list(cfg.blur_sigma)}")
     need(cfg.crop_scale[0] <= cfg.crop_scale[1],
          f"{L('crop_scale')} must be two numbers lo <= hi, got {list(cfg.crop_scale)}")
-    try:
-        world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-    except ValueError:
-        world = 1
+    world = launched_world_size()
     if cfg.data == "synthetic":
         need(cfg.n_images >= cfg.batch_size * world,
              f"{L('n_images')} ({cfg.n_images}) is less than one step of "

@@ -27,6 +27,7 @@ from .. import distributed as dist
 __all__ = ["NonFiniteLoss", "ResumeError", "CheckpointError", "RankStopped",
            "TrainingInterrupted"]
 
+
 class NonFiniteLoss(RuntimeError):
     """The run diverged: the loss, a network's outputs or the gradients became NaN
     or infinite.  Nothing of it was saved; the last checkpoint is left as it was."""

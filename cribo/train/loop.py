@@ -6,17 +6,8 @@ lives in :mod:`cribo.nn.objective`; this module is the orchestration and the
 step: schedules, EMA teacher, last-layer freeze, clipping, mixed precision, and
 ``torch.distributed`` (run the same command under ``torchrun
 --nproc_per_node=P``: gloo on CPU, nccl on GPU).  The rest is in the modules
-named after it:
-
-=================================  ============================================
-``cribo.train.build``              the networks, data, objective, optimizer and
-                                   schedules of a configuration
-``cribo.train.resume``             what a run continues from (``resume``)
-``cribo.train.saving``             what a checkpoint holds, written in order
-``cribo.train.faults``             the exceptions, Ctrl-C, ranks that stop
-``cribo.train.records``            the log's records, the progress bar
-``cribo.train.profiler``           seconds per phase of each step
-=================================  ============================================
+beside it (build, resume, saving, faults, records, profiler: the table of
+:mod:`cribo.train`).
 
 Faults lose nothing (the files are written as :mod:`cribo.train.checkpoints` says):
 
@@ -56,8 +47,7 @@ import cribo
 
 from .. import distributed as dist
 from ..nn.objective import CriboObjective, NonFiniteError
-from .build import (_device, build_data, build_models, build_objective, build_optimizer,
-                    build_schedules)
+from .build import build_data, build_models, build_objective, build_optimizer, build_schedules
 from .checkpoints import (FolderLocked, OutputWriteError, atomic_write_text, lock_folder,
                           remove_stale_temporaries)
 from .config import TrainConfig
@@ -241,6 +231,13 @@ def train_one_epoch(epoch: int, loader: Any, student: nn.Module, teacher: nn.Mod
 # training
 # =============================================================================
 
+def _device(cfg: TrainConfig) -> torch.device:
+    """The device ``cfg.device`` names ('auto': cuda when available)."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
 def train(cfg: TrainConfig,
           on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None
           ) -> Dict[str, Any]:
@@ -269,7 +266,7 @@ def train(cfg: TrainConfig,
         TrainingInterrupted: SIGINT; the checkpoint holds every step done.
     """
     # ============ distributed, threads, seeds ============
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = dist.launched_world_size() > 1
     device = _device(cfg)
     if distributed and not dist.initialized():
         # gloo also on GPUs for the objective's small CPU collectives.

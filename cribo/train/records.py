@@ -1,10 +1,10 @@
 """What a run reports: the records of its log and its progress bar.
 
-The log (:data:`cribo.train.run_folder.LOG`) holds one JSON
-record a line, of the three types :mod:`cribo.train.run_folder` describes:
-:func:`run_record` (one per invocation), :func:`iter_record` (one per logged
-step) and :func:`epoch_record` (one per finished epoch).  Only rank 0 writes
-it (:class:`_Log`; the others get a :class:`_NullLog`).
+The log (:data:`cribo.train.run_folder.LOG`) holds one JSON record a line, of
+the three types :mod:`cribo.train.run_folder` describes: :func:`run_record`
+(one per invocation), :func:`iter_record` (one per logged step) and
+:func:`epoch_record` (one per finished epoch).  Only rank 0 writes it
+(:class:`_Log`; the others get a :class:`_NullLog`).
 """
 from __future__ import annotations
 

@@ -199,7 +199,7 @@ def _repair_exports(ckpt: Dict[str, Any], run: _Run) -> None:
     except Exception:  # noqa: BLE001 -- missing or unreadable: re-export
         same = False
     if not same:
-        atomic_save(want, run.teacher_file, "teacher backbone")
+        atomic_save(want, run.teacher_file, "the teacher backbone")
         print(f"re-exported {run.teacher_file} from {run.checkpoint} (it was missing or "
               f"did not match it)")
     epoch, step = int(ckpt["epoch"]), int(ckpt.get("epoch_step", 0))

@@ -37,8 +37,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Union
 
-__all__ = ["RunFolder", "read_log", "iteration_records", "CHECKPOINT", "TEACHER_BACKBONE",
-           "CONFIG", "LOG", "LOCK", "REPORT", "EVAL", "RUN", "ITER", "EPOCH"]
+__all__ = ["RunFolder", "read_log", "iteration_records", "snapshot_name", "CHECKPOINT",
+           "TEACHER_BACKBONE", "CONFIG", "LOG", "LOCK", "REPORT", "EVAL", "RUN", "ITER",
+           "EPOCH"]
 
 CHECKPOINT = "checkpoint.pth"
 TEACHER_BACKBONE = "teacher_backbone.pth"

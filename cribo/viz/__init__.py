@@ -18,7 +18,9 @@ module                              draws
 :mod:`cribo.viz.ablation`           :func:`plot_ablation`: the variants of ``cribo
                                     ablate``, mean ± std and every seed
 :mod:`cribo.viz.report`             no picture: ``report.md``, ``report.html`` and
-                                    ``metrics.json`` of a run (standard library only)
+                                    ``metrics.json`` of a run (no matplotlib), and
+                                    :func:`~cribo.viz.report.percent`, the one
+                                    percentage format
 ``cribo.viz._figure``               what the pictures share: matplotlib, figures,
                                     colours (:func:`cluster_colors`,
                                     :func:`class_colors`, :func:`to_rgb`), patch grids

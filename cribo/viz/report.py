@@ -3,8 +3,9 @@
 :func:`write_report` puts the metrics table, the pictures (PNGs, linked by
 relative path, so the folder can be moved or zipped as a whole) and the
 configuration (in a collapsible block) into one Markdown and one
-self-contained HTML page; ``metrics.json`` holds the metrics as given.  Only
-the standard library is used.
+self-contained HTML page; ``metrics.json`` holds the metrics as given.  Each
+file is written whole or not at all (:func:`cribo.train.checkpoints.atomic_write_text`);
+nothing else beyond the standard library is used.
 
 A metric is a number, or a mapping with ``"value"`` and any of::
 
@@ -19,7 +20,9 @@ and the table shows them as percentages with one decimal, the metric's name
 followed by ``(%)``: the value, std, intervals, floor and Δ alike (Δ and its
 interval in percentage points), so every number of a row is in one unit.
 ``metrics.json`` keeps the fractions.  Other numbers are shown with 4
-significant digits.
+significant digits.  :func:`percent` is that percentage rule, for every number
+cribo shows people as a percentage (``cribo evaluate``'s table, the ablation
+table, bootstrap intervals).
 
 A mapping without ``"value"`` is a group: ``{"per-class IoU": {"disc": 0.3, ...}}``
 gives the rows ``per-class IoU / disc``, ....
@@ -35,7 +38,9 @@ import shutil
 import urllib.parse
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-__all__ = ["write_report", "metric_rows"]
+from ..train.checkpoints import atomic_write_text
+
+__all__ = ["write_report", "metric_rows", "percent"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -89,12 +94,14 @@ def _fmt(x: Any) -> str:
     return f"{v:.4g}"
 
 
-def _percent(x: Any) -> str:
-    """A fraction as a percentage with one decimal (0.4567 -> "45.7"), never "-0.0"."""
+def percent(x: Any, signed: bool = False) -> str:
+    """A fraction as a percentage with one decimal (0.4567 -> "45.7"), never "-0.0";
+    with ``signed``, a difference in signed percentage points (0.0123 -> "+1.2",
+    0 -> "+0.0").  Anything but a finite number is shown as it is."""
     v = _num(x)
     if v is None or not math.isfinite(v):
         return _fmt(x)
-    return f"{round(100 * v, 1) + 0.0:.1f}"
+    return f"{round(100 * v, 1) + 0.0:{'+' if signed else ''}.1f}"
 
 
 def _interval(ci: Any, fmt: Any = _fmt) -> str:
@@ -103,7 +110,7 @@ def _interval(ci: Any, fmt: Any = _fmt) -> str:
 
 
 #: The units a metric may name, and how each shows its numbers.
-_UNITS = {"%": _percent}
+_UNITS = {"%": percent}
 
 
 def metric_rows(metrics: Mapping[str, Any]) -> Tuple[List[str], List[List[str]]]:
@@ -299,8 +306,5 @@ def write_report(output_dir: PathLike, *, metrics: Mapping[str, Any],
              "html": _html(title, stamp, paras, header, rows, figs, config_json),
              "json": json.dumps(_jsonable(dict(metrics)), indent=2, allow_nan=False) + "\n"}
     for k, p in paths.items():
-        tmp = p + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(texts[k])
-        os.replace(tmp, p)
+        atomic_write_text(texts[k], p, "the report file")
     return paths

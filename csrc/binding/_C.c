@@ -330,12 +330,13 @@ static const letter_doc pool_nonempty[] = {
     {'B', "the batch size B"}, {'N', "the number of tokens per view N"},
     {'K', "the number of clusters K"}, {'d', "the token width d"}, {0, NULL}};
 /* The public functions are pool and pool_backward, with labels or with weights. */
-static const entry_spec pool_spec = {"pool", pool_args, 3, pool_nonempty};
-static const entry_spec pool_backward_spec = {"pool_backward", pool_backward_args, 3,
-                                              pool_nonempty};
-static const entry_spec pool_soft_spec = {"pool", pool_soft_args, 3, pool_nonempty};
-static const entry_spec pool_soft_backward_spec = {"pool_backward", pool_soft_backward_args, 3,
-                                                   pool_nonempty};
+static const entry_spec pool_spec = {"pool", pool_args, N_OF(pool_args), pool_nonempty};
+static const entry_spec pool_backward_spec = {"pool_backward", pool_backward_args,
+                                              N_OF(pool_backward_args), pool_nonempty};
+static const entry_spec pool_soft_spec = {"pool", pool_soft_args, N_OF(pool_soft_args),
+                                          pool_nonempty};
+static const entry_spec pool_soft_backward_spec = {"pool_backward", pool_soft_backward_args,
+                                                   N_OF(pool_soft_backward_args), pool_nonempty};
 
 /* kind: 0 pool, 1 pool_backward, 2 pool_soft, 3 pool_soft_backward */
 static PyObject *pool_entry(PyObject *args, PyObject *kw, int kind)
@@ -767,7 +768,8 @@ static const arg_spec object_queue_args[] = {
     {"capacity", S_INT, NULL, 0, 1, INTMAX, 0, 0, NULL},
     {"dim", S_INT, NULL, 0, 1, INTMAX, 0, 0, NULL},
 };
-static const entry_spec object_queue_spec = {"ObjectQueue", object_queue_args, 2, NULL};
+static const entry_spec object_queue_spec = {"ObjectQueue", object_queue_args,
+                                             N_OF(object_queue_args), NULL};
 
 static PyObject *py_object_queue(PyObject *self, PyObject *args, PyObject *kw)
 {
@@ -779,12 +781,20 @@ static PyObject *py_object_queue(PyObject *self, PyObject *args, PyObject *kw)
     return Py_BuildValue("LL", c.i[0], c.i[1]);
 }
 
-/* counts (argument k) sum to `total` objects. */
+/* counts (argument k, whose entries were checked non-negative) sum to `total` objects.
+ * The sum never wraps: int64 counts whose true sum only wrapped to `total` would make the
+ * queue walk past its objects. */
 static int check_counts_sum(const call_t *c, int k, npy_intp total)
 {
     const int64_t *x = I64P(c, k);
     long long s = 0;
     for (npy_intp i = 0; i < PyArray_SIZE(c->arr[k]); i++) {
+        if ((long long)x[i] > LLONG_MAX - s) {
+            PyErr_Format(cribo_args_ValueError, "%s: %s must sum to the number of objects %zd, "
+                         "got a sum beyond the int64 range", c->e->fn, c->e->args[k].name,
+                         (Py_ssize_t)total);
+            return -1;
+        }
         s += (long long)x[i];
     }
     if (s != (long long)total) {
@@ -980,6 +990,13 @@ PyMODINIT_FUNC PyInit__C(void)
         "the message names the function, the argument and what was expected.",
         PyExc_TypeError, NULL);
     if (cribo_args_ValueError == NULL || cribo_args_TypeError == NULL) {
+        Py_CLEAR(cribo_args_ValueError);
+        Py_CLEAR(cribo_args_TypeError);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* the bound of set_num_threads, for cribo/ops/threads.py's default */
+    if (PyModule_AddIntConstant(m, "MAX_THREADS", CRIBO_MAX_THREADS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

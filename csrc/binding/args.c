@@ -140,7 +140,7 @@ int cribo_args_check_array(call_t *c, int k, PyObject *o)
         /* Mismatch: say which earlier arguments fixed the letters of this shape. */
         char match[160] = "";
         size_t used = 0;
-        int seen[MAX_ARGS] = {0}, n_seen = 0, last = -1;
+        int seen[MAX_ARGS] = {0}, n_seen = 0;
         for (int j = 0; j < nd; j++) {
             const int lj = letters[j] ? args_letter_index(letters[j]) : -1;
             if (lj >= 0 && c->dim[lj] >= 0 && c->bound_by[lj] != k && !seen[c->bound_by[lj]]) {
@@ -151,13 +151,11 @@ int cribo_args_check_array(call_t *c, int k, PyObject *o)
         for (int j = 0, m = 0; j < e->n_args; j++) {
             if (seen[j]) {
                 m++;
-                last = j;
                 used += (size_t)snprintf(match + used, sizeof match - used, "%s%s",
                                          m == 1 ? " to match " : (m == n_seen ? " and " : ", "),
                                          e->args[j].name);
             }
         }
-        (void)last;
         shape_text(want, sizeof want, s->shape, c, k);
         dims_text(got, sizeof got, a);
         PyErr_Format(cribo_args_ValueError, "%s: %s must have shape %s%s, got %s", e->fn, s->name,
@@ -216,6 +214,15 @@ static int check_float(const call_t *c, int k, const char *label, PyObject *o, d
     }
     const double x = PyFloat_AsDouble(o);
     if (x == -1.0 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            return -1;
+        }
+        /* An integer beyond double's range is out of every range (not shown: it may be
+         * too long to print). */
+        PyErr_Clear();
+        range_text(range, sizeof range, s);
+        PyErr_Format(cribo_args_ValueError, "%s: %s must be a finite number in %s, got an "
+                     "integer beyond the float range", c->e->fn, label, range);
         return -1;
     }
     const int lo_ok = (s->flags & LO_OPEN) ? x > s->lo : x >= s->lo;
@@ -361,7 +368,7 @@ int cribo_args_check_call(call_t *c, const entry_spec *e, PyObject *args, PyObje
     }
     for (int k = 0; k < e->n_args; k++) {
         const arg_spec *s = &e->args[k];
-        if (c->obj[k] == Py_None) {
+        if (c->obj[k] == Py_None && s->type != S_FLAG) { /* a flag takes None's truth */
             if (is_array_type(s->type) ? !(s->flags & OPT) : !(s->flags & NONE_OK)) {
                 PyErr_Format(cribo_args_TypeError, "%s: %s must be %s%s, got None", e->fn, s->name,
                              is_array_type(s->type) ? "a numpy array"

@@ -65,7 +65,7 @@ enum {
     A_BOOL,
     S_INT,      /* an integer (not a bool) in [lo, hi]; may bind the letter `shape` */
     S_FLOAT,    /* a number (not a bool) in lo..hi, ends per LO_OPEN / HI_OPEN */
-    S_FLAG,     /* anything; its truth value */
+    S_FLAG,     /* anything, None included; its truth value */
     S_FLOATS,   /* a sequence of `count` numbers, each like S_FLOAT */
     S_INTS,     /* a sequence of `count` integers, each like S_INT */
     S_SEED,     /* an integer in [lo, hi], or an int64 array of shape (`shape`,) with entries

@@ -200,7 +200,7 @@ def cribo_calls_badly(kernel):
 
 def non_finite(seed, n_clusters):
     pytest.importorskip("torch")
-    from cribo.train.loop import NonFiniteLoss
+    from cribo.train.faults import NonFiniteLoss
 
     raise NonFiniteLoss("the loss is nan at epoch 2, iteration 40; stopping")
 

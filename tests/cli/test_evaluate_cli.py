@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from PIL import Image  # noqa: E402
 
-from cribo import models  # noqa: E402
+from cribo import nn  # noqa: E402
 from cribo.cli.evaluate import _table, build_parser, main  # noqa: E402
 from cribo.evaluation import load_backbone  # noqa: E402
 
@@ -57,7 +57,7 @@ def checkpoint(tmp_path):
     """A tiny ViT's state dict (width 64, one block, patch 8, 32 px)."""
     torch.manual_seed(0)
     path = tmp_path / "tiny_vit.pth"
-    torch.save(models.vit(64, 1, 1, patch_size=8, img_size=32).state_dict(), path)
+    torch.save(nn.vit(64, 1, 1, patch_size=8, img_size=32).state_dict(), path)
     return path
 
 
@@ -178,7 +178,7 @@ def test_outputs_and_inputs_are_checked_before_any_work(tmp_path, checkpoint, no
 def _bad_checkpoints(tmp_path):
     """name -> (path, what the message must say)."""
     good = tmp_path / "good.pth"
-    torch.save(models.vit(64, 1, 1, patch_size=8, img_size=32).state_dict(), good)
+    torch.save(nn.vit(64, 1, 1, patch_size=8, img_size=32).state_dict(), good)
     data = good.read_bytes()
     rng = np.random.default_rng(1)
     noise = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
@@ -204,7 +204,7 @@ def _whole_error(exc: BaseException) -> str:
 
 def test_unreadable_checkpoints_say_what_is_wrong_and_never_advise_unsafe_loading(tmp_path):
     for name, (path, says) in _bad_checkpoints(tmp_path).items():
-        for load in (load_backbone, models.load_pretrained):
+        for load in (load_backbone, nn.load_pretrained):
             with pytest.raises((ValueError, FileNotFoundError)) as e:
                 load(path)
             msg = str(e.value)
@@ -303,8 +303,6 @@ def test_evaluate_a_checkpoint_from_a_tiny_training_run(tmp_path, capsys):
 def test_cli_on_a_voc_style_folder_with_ignore_labels(tmp_path, capsys):
     from PIL import Image
 
-    from cribo import models
-
     root = tmp_path / "voc"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True)
@@ -321,7 +319,7 @@ def test_cli_on_a_voc_style_folder_with_ignore_labels(tmp_path, capsys):
     (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids[:3]) + "\n")
     (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids[3:]) + "\n")
     torch.manual_seed(0)
-    vit = models.vit(64, 1, 1, patch_size=8, img_size=32)       # heads = 64 / 64: published rule
+    vit = nn.vit(64, 1, 1, patch_size=8, img_size=32)       # heads = 64 / 64: published rule
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
     out = tmp_path / "voc.json"
     assert main(["--checkpoint", str(tmp_path / "vit.pth"), "--data", str(root), "--k", "3",

@@ -15,7 +15,7 @@ from cribo.cli import main  # noqa: E402
 
 def test_the_configuration_is_parsed_once(tmp_path, monkeypatch):
     parsed, trained = [], []
-    original = config_mod._config_and_origin
+    original = config_mod.config_and_origin
 
     def counted(*a, **k):
         parsed.append(a)
@@ -25,9 +25,10 @@ def test_the_configuration_is_parsed_once(tmp_path, monkeypatch):
         trained.append(cfg)
         return {"history": []}
 
-    monkeypatch.setattr(config_mod, "_config_and_origin", counted)
+    monkeypatch.setattr(config_mod, "config_and_origin", counted)
     monkeypatch.setattr(pretrain_cmd, "train", fake_train)
-    argv = TINY + ["--batch-size", "8", "--no-evaluate", "--lr", "0.003", "--output-dir", str(tmp_path / "run")]
+    argv = TINY + ["--batch-size", "8", "--no-evaluate", "--lr", "0.003",
+                   "--output-dir", str(tmp_path / "run")]
     assert main(["pretrain", *argv]) == 0
     assert len(parsed) == 1 and len(trained) == 1
     assert trained[0].lr == 0.003 and trained[0].output_dir == str(tmp_path / "run")

@@ -273,6 +273,9 @@ CLUSTER = Op(
             E("cluster: pos_weight must be a finite number in [0, 1000000], got nan")),
         Bad("posw-inf", S(pos_weight=float("inf")), ValueError,
             E("cluster: pos_weight must be a finite number in [0, 1000000], got inf")),
+        Bad("posw-huge-int", S(pos_weight=10**400), ValueError,  # float() overflows
+            E("cluster: pos_weight must be a finite number in [0, 1000000], got an integer "
+              "beyond the float range")),
         *[Bad(f"lambda-{lam}", S(sinkhorn_lambda=lam), ValueError,
               E("cluster: sinkhorn_lambda must be a finite number in (0, 1000000], "
                 f"got {float(lam)!r}"))
@@ -777,6 +780,10 @@ QUEUE_PUSH = Op(
             E(_PUSH + "counts must sum to the number of objects 5, got 4")),
         Bad("counts-neg", S(counts=np.array([6, -1], I64), image_ids=DROP), ValueError,
             E(_PUSH + "counts must be non-negative, got -1")),
+        # 2 (2^63 - 1) + 7 wraps to 5 in int64: a wrapped sum would pass (and crash the push).
+        Bad("counts-wrap", S(counts=np.array([2**63 - 1, 2**63 - 1, 7], I64)), ValueError,
+            E(_PUSH + "counts must sum to the number of objects 5, got a sum beyond the int64 "
+              "range")),
         Bad("counts-float", S(counts=[2.0, 3.0], image_ids=DROP), TypeError,
             E(_PUSH + "counts must be an integer array, got dtype float64"), "public"),
         Bad("counts-2d", S(counts=np.array([[2, 3]], I64), image_ids=DROP), ValueError,
@@ -834,6 +841,10 @@ QUEUE_MATCH = Op(
                                   **{"batch[0]": valid()["objects1"],
                                      "batch[1]": valid()["objects2"]}),
             ValueError, E(_MATCH + "offset must be in [0, 4611686018427387904], got -1")),
+        # offset is checked with or without batch (the old wrapper ignored it without)
+        Bad("offset-neg", S(offset=-1), ValueError,
+            E(_MATCH + "offset must be in [0, 4611686018427387904], got -1")),
+        Bad("offset-float", S(offset=1.0), TypeError, E(_MATCH + "offset must be an integer, got 1.0")),
         Bad("batch-width", S(image_ids=DROP, **{"batch[0]": valid()["objects1"][:, :2].copy(),
                                                 "batch[1]": valid()["objects2"][:, :2].copy()}),
             ValueError, E(_MATCH + "batch[0] must have shape (P, 4) to match dim, got (5, 2)")),
@@ -869,6 +880,10 @@ QUEUE_LOAD = Op(
             E(_LOAD + "object_ids do not agree with image_ids and image_counts")),
         Bad("counts-neg", S(image_counts=np.array([6, 0, -1], I64)), ValueError,
             E(_LOAD + "image_counts must be non-negative, got -1")),
+        # wraps to 5 in int64: a wrapped sum would send the object_ids check past the end
+        Bad("counts-wrap", S(image_counts=np.array([2**63 - 1, 2**63 - 1, 7], I64)), ValueError,
+            E(_LOAD + "image_counts must sum to the number of objects 5, got a sum beyond the "
+              "int64 range")),
         Bad("counts-float", S(image_counts=np.array([2.0, 0, 3])), TypeError,
             E(_LOAD + "image_counts must be an integer array, got dtype float64"), "public"),
         Bad("object-ids", S(object_ids=np.arange(5, dtype=I64)), ValueError,
@@ -918,9 +933,12 @@ def test_public_function_errors(name, bad):
     op = OPS[name]
     threads = cribo.get_num_threads()
     kw = bad.change(op.args(valid()))
-    with pytest.raises(bad.exc, match=bad.msg):
+    with pytest.raises(bad.exc, match=bad.msg) as e:
         op.public(kw)
     assert cribo.get_num_threads() == threads
+    # the user's bad input, whether the binding or the conversion in cribo/ops/_arrays.py
+    # refused it: the binding's own classes
+    assert isinstance(e.value, (cribo.ArgumentError, cribo.ArgumentTypeError)), e.value
 
 
 #: The binding's messages for a call that does not fit the signature (a bug of the
@@ -1604,3 +1622,16 @@ def test_a_broken_rule_raises_the_bindings_own_classes_and_a_misfit_call_a_plain
         with pytest.raises(TypeError) as e:
             bad_call()
         assert type(e.value) is TypeError, e.value
+
+
+def test_a_flag_takes_the_truth_value_of_anything_none_included():
+    """update_marginals and return_plan are flags (csrc/binding/args.h, S_FLAG): None
+    counts as False, as bool(None) does, rather than being refused as "not a number"."""
+    v = valid()
+    base = dict(tokens=v["tokens"], positions=v["positions"], n_clusters=K, init=v["init"])
+    off = cribo.cluster(**base, update_marginals=False)
+    none = cribo.cluster(**base, update_marginals=None, return_plan=None)
+    on = cribo.cluster(**base, update_marginals=True, return_plan=[0])
+    assert none.plan is None and on.plan is not None  # a non-empty list is true
+    np.testing.assert_array_equal(none.labels, off.labels)
+    np.testing.assert_array_equal(none.counts, off.counts)

@@ -48,7 +48,7 @@ def test_short_run_writes_checkpoints_logs_and_learns_something(tmp_path):
     for key in ("student", "teacher", "optimizer", "objective", "epoch", "iteration", "rng"):
         assert key in ck
     assert ck["epoch"] == 2 and ck["iteration"] == 12
-    # The teacher backbone loads through cribo.models like a published checkpoint.
+    # The teacher backbone loads through cribo.nn like a published checkpoint.
     from cribo.nn import load_pretrained
 
     model, report = load_pretrained(str(d / "teacher_backbone.pth"), num_heads=2)

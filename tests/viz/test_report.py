@@ -74,3 +74,15 @@ def test_report_shows_fractions_marked_percent_with_one_decimal_in_one_unit(tmp_
     assert json.load(open(paths["json"]))["retrieval mIoU"]["value"] == 0.27234  # fractions
     with pytest.raises(ValueError, match="unit 'points'"):
         metric_rows({"x": {"value": 1.0, "unit": "points"}})
+
+
+def test_percent_is_the_one_percentage_format():
+    from cribo.evaluation import metrics
+    from cribo.viz.report import percent
+
+    assert percent(0.4567) == "45.7" and percent(1) == "100.0"
+    assert percent(-0.0004) == "0.0"                            # never "-0.0"
+    assert percent(0.0123, signed=True) == "+1.2" and percent(-0.155, signed=True) == "-15.5"
+    assert percent(-0.0004, signed=True) == "+0.0"
+    assert percent(None) == "" and percent(float("nan")) == "nan"
+    assert metrics.percent is percent                          # the intervals' format
