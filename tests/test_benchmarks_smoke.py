@@ -30,3 +30,28 @@ def test_run_quick_writes_all_operators(tmp_path):
         assert set(row["timings"]) == {"torch", "numpy", "cribo"}, row["name"]
         assert row["timings"]["cribo"]["median_ms"] > 0
     assert res["meta"]["cpu_model"] and res["meta"]["git"]["sha"]
+
+
+def _gpu_check(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_check_compares_each_torch_operator_with_the_c_core_on_cpu():
+    proc = _gpu_check("--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [x.split() for x in proc.stdout.splitlines() if x.startswith("  ")]
+    assert [x[1] for x in lines] == ["cluster", "pool", "topk_cosine", "softmax_cross_entropy"]
+    assert all(x[0] == "OK" for x in lines), proc.stdout
+
+
+def test_gpu_check_runs_as_is_on_any_machine():
+    """Without a GPU it says so and exits 0; with one it checks the GPU."""
+    import torch
+
+    proc = _gpu_check()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if torch.cuda.is_available():
+        assert proc.stdout.count("  OK ") == 4, proc.stdout
+    else:
+        assert "no CUDA device here" in proc.stdout
