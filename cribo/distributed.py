@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["initialized", "rank", "world_size", "is_main", "all_gather_rows",
-           "all_reduce_sum", "launched_world_size"]
+           "all_gather_tensor_rows", "all_reduce_sum", "launched_world_size"]
 
 
 def launched_world_size() -> int:
@@ -89,3 +89,29 @@ def all_gather_rows(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     torch.distributed.all_gather(parts, buf)
     rows = np.concatenate([p[: int(c)].numpy() for p, c in zip(parts, counts)])
     return rows, counts
+
+
+def all_gather_tensor_rows(x: "torch.Tensor") -> Tuple["torch.Tensor", List[int]]:
+    """:func:`all_gather_rows` for a tensor, on its device (NCCL-safe on a GPU).
+
+    Args:
+        x: (R_p, ...) this process's rows, on the process group's device.
+
+    Returns:
+        The (sum R_p, ...) rows of every process in rank order, on ``x``'s device,
+        and each process's row count R_p as a list of ints (one host read of the
+        P counts, which the concatenation needs; none in a single process).
+    """
+    if world_size() == 1:
+        return x, [int(x.shape[0])]
+    import torch
+
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    torch.distributed.all_gather(sizes, n)
+    counts = [int(c) for c in torch.cat(sizes).cpu()]
+    buf = x.new_zeros((max(counts),) + tuple(x.shape[1:]))
+    buf[: x.shape[0]] = x
+    parts = [torch.zeros_like(buf) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, buf.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts

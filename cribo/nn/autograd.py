@@ -11,7 +11,13 @@ function                   what it differentiates
 :func:`fused_losses`       the three CrIBo terms (:func:`cribo.cribo_losses`);
                            the gradient w.r.t. the student's logits comes from
                            the same fused C pass as the losses
+:func:`device_losses`      the same with :func:`cribo.nn.torch_ops.cribo_losses`
+                           on the logits' device (the objective's torch backend)
 =========================  ===================================================
+
+:func:`pool_tokens` and :func:`student_logits` take the labels as a NumPy array
+(the C backend: C pooling, host copies) or as a torch tensor (the torch backend:
+:func:`cribo.nn.torch_ops.pool` on the tokens' device, autograd native).
 
 Each function returns its results; the autograd nodes only carry what their
 backward pass needs.  CPU float32 tensors reach the C kernels without copies
@@ -20,7 +26,7 @@ dtype, are copied to host float32 and the results copied back.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,9 +34,14 @@ from torch import nn
 
 from ..ops.losses import CriboLosses, cribo_losses
 from ..ops.pooling import pool, pool_backward
+from . import torch_ops
 
 __all__ = ["NonFiniteError", "check_finite", "host_float32", "pool_tokens", "student_logits",
-           "fused_losses"]
+           "fused_losses", "device_losses"]
+
+#: Cluster labels / valid clusters as the objective hands them to the student: NumPy
+#: arrays (C backend) or tensors on the tokens' device (torch backend).
+Labels = Union[np.ndarray, torch.Tensor]
 
 
 class NonFiniteError(FloatingPointError):
@@ -79,12 +90,15 @@ class _Pool(torch.autograd.Function):
         return torch.from_numpy(dz).to(ctx.device, ctx.dtype), None, None
 
 
-def pool_tokens(tokens: torch.Tensor, labels: np.ndarray, n_clusters: int) -> torch.Tensor:
+def pool_tokens(tokens: torch.Tensor, labels: Labels, n_clusters: int) -> torch.Tensor:
     """Differentiable :func:`cribo.pool`.
 
     Args:
         tokens: (B, 2, N, d) patch tokens of the two views.
-        labels: (B, 2, N) int64 cluster of each token, in [0, n_clusters).
+        labels: (B, 2, N) int64 cluster of each token, in [0, n_clusters): a NumPy
+            array (the C kernels, tokens copied to the host unless CPU float32),
+            or a tensor (:func:`cribo.nn.torch_ops.pool` on the tokens' device,
+            no host copy and no value check: the objective checks the logits).
         n_clusters: K.
 
     Returns:
@@ -92,21 +106,25 @@ def pool_tokens(tokens: torch.Tensor, labels: np.ndarray, n_clusters: int) -> to
         empty cluster), with gradient w.r.t. ``tokens``.
 
     Raises:
-        NonFiniteError: ``tokens`` hold a NaN or an infinity.
+        NonFiniteError: ``tokens`` hold a NaN or an infinity (NumPy labels only).
     """
+    if isinstance(labels, torch.Tensor):
+        out = torch_ops.pool(tokens, labels.to(tokens.device), n_clusters, check_values=False)
+        return out.to(tokens.dtype)
     return _Pool.apply(tokens, labels, n_clusters)
 
 
 def student_logits(cls: torch.Tensor, tokens: torch.Tensor, head: nn.Module,
-                   labels: np.ndarray, valid: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+                   labels: Labels, valid: Labels) -> Tuple[torch.Tensor, torch.Tensor]:
     """The student's side of the objective, with gradient.
 
     Args:
         cls: (B, 2, d) CLS outputs [image, view].
         tokens: (B, 2, N, d) final patch tokens.
         head: a module with ``forward_global`` and ``forward_objects``.
-        labels: (B, 2, N) the teacher's cluster labels.
-        valid: (B, K) clusters present in both views.
+        labels: (B, 2, N) the teacher's cluster labels (array or tensor, see
+            :func:`pool_tokens`).
+        valid: (B, K) bool clusters present in both views (array or tensor).
 
     Returns:
         Global logits (2, B, L) and object logits (2, M, L), M = valid.sum().
@@ -114,7 +132,8 @@ def student_logits(cls: torch.Tensor, tokens: torch.Tensor, head: nn.Module,
     B, _, _, d = tokens.shape
     K = valid.shape[1]
     objects = pool_tokens(tokens, labels, K)
-    vmask = torch.from_numpy(valid).to(objects.device)
+    vmask = (valid if isinstance(valid, torch.Tensor) else torch.from_numpy(valid)
+             ).to(objects.device)
     o1, o2 = objects[:, 0][vmask], objects[:, 1][vmask]
     g = head.forward_global(cls.transpose(0, 1).reshape(2 * B, d))
     o = head.forward_objects(torch.cat([o1, o2]))
@@ -181,4 +200,57 @@ def fused_losses(student_global: torch.Tensor, student_objects: torch.Tensor,
                           denominators=denominators)
     loss = _FusedGradient.apply(student_global, student_objects, result.total,
                                 result.grad_global, result.grad_objects, float(grad_scale))
+    return loss, result
+
+
+class _DeviceGradient(torch.autograd.Function):
+    """:class:`_FusedGradient` for gradients held as tensors on the logits' device:
+    backward scales them by the incoming gradient without reading it on the host."""
+
+    @staticmethod
+    def forward(ctx: Any, student_global: torch.Tensor, student_objects: torch.Tensor,
+                total: torch.Tensor, grad_global: torch.Tensor, grad_objects: torch.Tensor,
+                grad_scale: float) -> torch.Tensor:
+        ctx.grads = (grad_global, grad_objects)
+        ctx.scale = grad_scale
+        ctx.dtypes = (student_global.dtype, student_objects.dtype)
+        return total.detach().to(student_global.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        g = grad.double() * ctx.scale  # as _FusedGradient: float(grad) * scale, then float32
+        gg, go = ((x * g.to(x.dtype)).to(dt) for x, dt in zip(ctx.grads, ctx.dtypes))
+        return gg, go, None, None, None, None
+
+
+def device_losses(student_global: torch.Tensor, student_objects: torch.Tensor,
+                  teacher_global: torch.Tensor, teacher_objects: torch.Tensor,
+                  teacher_neighbours: Optional[torch.Tensor], mask1: torch.Tensor,
+                  mask2: torch.Tensor, *, center_global: torch.Tensor,
+                  center_objects: torch.Tensor, student_temp: float, teacher_temp: float,
+                  teacher_temp_objects: Optional[float], weights: Sequence[float],
+                  center_momentum: float,
+                  denominators: Optional[torch.Tensor] = None,
+                  grad_scale: float = 1.0) -> Tuple[torch.Tensor, "torch_ops.TorchCriboLosses"]:
+    """:func:`fused_losses` on the logits' device (:func:`cribo.nn.torch_ops.cribo_losses`).
+
+    Same arguments as :func:`fused_losses`, all tensors on the student logits'
+    device (``denominators``: an optional (4,) int64 tensor, e.g. straight from
+    an all-reduce).  No value is read on the host: the losses are computed
+    unchecked (the objective checks its inputs' finiteness itself).
+
+    Returns:
+        ``(loss, result)``: the weighted total as a 0-d tensor in the student's
+        dtype, whose gradient w.r.t. the student's logits is ``result``'s
+        explicit gradient (times ``grad_scale``), and the
+        :class:`cribo.nn.torch_ops.TorchCriboLosses` (terms, gradients, centres).
+    """
+    result = torch_ops.cribo_losses(
+        student_global.detach(), teacher_global, student_objects.detach(), teacher_objects,
+        teacher_neighbours, mask1, mask2, center_global=center_global,
+        center_objects=center_objects, student_temp=student_temp, teacher_temp=teacher_temp,
+        teacher_temp_objects=teacher_temp_objects, weights=weights,
+        center_momentum=center_momentum, denominators=denominators, check_values=False)
+    loss = _DeviceGradient.apply(student_global, student_objects, result.total,
+                                 result.grad_global, result.grad_objects, float(grad_scale))
     return loss, result

@@ -18,6 +18,21 @@ memory); tensors on another device, or in another dtype, are copied to host
 float32 and the results copied back -- correct, but the copies cost time, so on a
 GPU the C operators run on the CPU side of the step.
 
+**Two engines** (``backend``): ``"c"`` runs the steps above with the C core
+on host NumPy arrays, as described; ``"torch"`` runs them with
+:mod:`cribo.nn.torch_ops` on the tokens' device (clustering with the same
+per-image seeds, pooling with autograd, a device queue, the losses' explicit
+gradient handed to autograd, centres updated in place), with no host copy of
+tokens, objects or logits: the one host read of a step is the logged scalars
+(terms, statistics and the finiteness flags), in :func:`_host_scalars` at its
+end -- so a NaN or an infinity is reported there, after the step's objects
+entered the queue (the run stops on it).  ``"auto"`` (the default) picks
+``"c"`` for CPU tokens and ``"torch"`` otherwise, once, on the first call.
+The queue's checkpoint format is the same for both, so a run saved on one
+engine resumes on the other.  (About 550 lines: the two engines run the same
+five steps on the same state -- queue, centres, checkpoint format -- and stay
+side by side so that a change to one is seen next to the other.)
+
 Under ``torch.distributed`` (world size > 1) every process's objects enter every
 queue in rank order, the cycle checks and the loss normalisation use the objects
 of all processes, and the centres are averaged over all processes' rows, so P
@@ -27,7 +42,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,17 +53,23 @@ from ..ops.clustering import cluster
 from ..ops.losses import CriboLosses
 from ..ops.pooling import pool
 from ..ops.queue import ObjectQueue
-from .autograd import NonFiniteError, check_finite, fused_losses, host_float32, student_logits
+from . import torch_ops
+from .autograd import (Labels, NonFiniteError, check_finite, device_losses, fused_losses,
+                       host_float32, student_logits)
 
 # NonFiniteError and student_logits are defined in cribo.nn.autograd and named
 # here too: the objective raises the one and takes the other's output.
 __all__ = ["CriboObjective", "CriboStudent", "ObjectiveOutput", "NonFiniteError",
-           "student_logits", "image_seeds"]
+           "student_logits", "image_seeds", "BACKENDS"]
+
+#: The engines of :class:`CriboObjective` (see the module docstring).
+BACKENDS = ("auto", "c", "torch")
 
 #: What the objective asks of the student: given the teacher's cluster labels
-#: (B, 2, N) and valid clusters (B, K), the student's global logits (2, B, L) and
-#: object logits (2, M, L) of the M valid objects, computed with gradient.
-StudentFn = Callable[[np.ndarray, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
+#: (B, 2, N) and valid clusters (B, K) -- NumPy arrays with the C backend, tensors
+#: on the tokens' device with the torch backend -- the student's global logits
+#: (2, B, L) and object logits (2, M, L) of the M valid objects, with gradient.
+StudentFn = Callable[[Labels, Labels], Tuple[torch.Tensor, torch.Tensor]]
 
 
 class CriboStudent(nn.Module):
@@ -65,8 +86,8 @@ class CriboStudent(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, images: torch.Tensor, labels: np.ndarray,
-                valid: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: Labels,
+                valid: Labels) -> Tuple[torch.Tensor, torch.Tensor]:
         B = images.shape[0]
         t0 = time.perf_counter()
         cls, tokens = self.backbone(images.flatten(0, 1))
@@ -108,9 +129,11 @@ class ObjectiveOutput:
         stats: ``objects_per_image`` (valid clusters per image), ``n_objects`` (M),
             ``consistent`` (fraction of look-ups that passed the cycle check),
             ``queue_images``.
-        labels: (B, 2, N) int64 cluster labels of this process's images.
-        valid: (B, K) bool valid clusters.
-        extra: ``match``, the queue look-up (:class:`cribo.Match`).
+        labels: (B, 2, N) int64 cluster labels of this process's images (a NumPy
+            array with the C backend, a tensor on the tokens' device with torch).
+        valid: (B, K) bool valid clusters (likewise).
+        extra: ``match``, the queue look-up (:class:`cribo.Match`, or
+            :class:`cribo.nn.torch_ops.Match` of device tensors); ``backend``.
         timings: wall-clock seconds of this call's parts (clustering, pooling,
             queue, student_forward, teacher_heads, losses).
     """
@@ -118,8 +141,8 @@ class ObjectiveOutput:
     loss: torch.Tensor
     terms: Dict[str, float]
     stats: Dict[str, float]
-    labels: np.ndarray
-    valid: np.ndarray
+    labels: Labels
+    valid: Labels
     extra: Dict[str, Any] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
 
@@ -142,6 +165,9 @@ class CriboObjective(nn.Module):
         weights: (w_global, w_objects, w_neighbours); (1, 0, 0) is DINO.
         exclude_same_image: never match an object to a queue entry of its own image.
         seed: base seed of the clustering initialisation.
+        backend: ``"c"``, ``"torch"`` or ``"auto"`` (``"c"`` for CPU tokens,
+            ``"torch"`` otherwise, decided on the first call from the teacher
+            tokens' device); see the module docstring.
 
     Example:
         >>> obj = CriboObjective(out_dim=4096, embed_dim=192, n_clusters=16, queue_capacity=512)
@@ -156,8 +182,14 @@ class CriboObjective(nn.Module):
                  sinkhorn_lambda: float = 20.0, sinkhorn_iters: int = 5, n_iters: int = 5,
                  student_temp: float = 0.1, center_momentum: float = 0.9,
                  weights: Sequence[float] = (1.0, 1.0, 1.0), exclude_same_image: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, backend: str = "auto") -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"CriboObjective: backend must be one of {BACKENDS}, got "
+                             f"{backend!r}")
+        self.backend = backend
+        #: The engine in use ("c" or "torch"), None until the first call resolves "auto".
+        self.engine: Optional[str] = None if backend == "auto" else backend
         if len(weights) != 3 or any(w < 0 for w in weights):
             raise ValueError(f"CriboObjective: weights must be three non-negative numbers "
                              f"(global, objects, neighbours), got {weights!r}")
@@ -170,12 +202,15 @@ class CriboObjective(nn.Module):
         self.center_momentum = float(center_momentum)
         self.weights = tuple(float(w) for w in weights)
         self.seed = int(seed)
-        self.queue = ObjectQueue(queue_capacity, embed_dim, exclude_same_image=exclude_same_image)
+        # A C queue until a call on the torch engine moves it to the tokens' device.
+        self.queue: Any = ObjectQueue(queue_capacity, embed_dim,
+                                      exclude_same_image=exclude_same_image)
         self.register_buffer("center_global", torch.zeros(out_dim))
         self.register_buffer("center_objects", torch.zeros(out_dim_objects or out_dim))
 
-    # The queue is checkpointed with the module, as tensors, so that checkpoints
-    # load with torch.load(weights_only=True).
+    # The queue is checkpointed with the module, as host tensors, so that checkpoints
+    # load with torch.load(weights_only=True); both engines' queues give and take
+    # the same state (cribo.ObjectQueue's layout), so checkpoints cross engines.
     def get_extra_state(self) -> Dict[str, Any]:
         q = self.queue.state_dict()
         return {"queue": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
@@ -185,6 +220,24 @@ class CriboObjective(nn.Module):
         q = state["queue"]
         self.queue.load_state_dict({k: v.numpy() if torch.is_tensor(v) else v
                                     for k, v in q.items()})
+
+    def _engine_for(self, device: torch.device) -> str:
+        """Resolves the engine (once) and puts the queue where that engine needs it."""
+        if self.engine is None:
+            self.engine = "c" if device.type == "cpu" else "torch"
+        if self.engine == "torch":
+            if not isinstance(self.queue, torch_ops.ObjectQueue) or self.queue.device != device:
+                q = torch_ops.ObjectQueue(self.queue.capacity, self.queue.dim,
+                                          exclude_same_image=self.queue.exclude_same_image,
+                                          device=device)
+                q.load_state_dict(self.queue.state_dict())
+                self.queue = q
+        elif not isinstance(self.queue, ObjectQueue):
+            q = ObjectQueue(self.queue.capacity, self.queue.dim,
+                            exclude_same_image=self.queue.exclude_same_image)
+            q.load_state_dict(self.queue.state_dict())
+            self.queue = q
+        return self.engine
 
     def forward(self, student: StudentFn, teacher_cls: torch.Tensor,
                 teacher_tokens: torch.Tensor, positions: Any, teacher_head: nn.Module, *,
@@ -230,14 +283,20 @@ class CriboObjective(nn.Module):
                 student's tokens or logits, hold a NaN or an infinity (a diverging
                 run), named in the message.
         """
+        B = teacher_tokens.shape[0]
+        # The image ids seed the clustering on the host (as the C core draws them).
+        ids = (np.arange(B) if image_ids is None else
+               (image_ids.detach().cpu().numpy() if torch.is_tensor(image_ids)
+                else np.asarray(image_ids))).astype(np.int64)
+        if self._engine_for(teacher_tokens.device) == "torch":
+            return self._forward_torch(
+                student, teacher_cls, teacher_tokens, positions, teacher_head, ids, step,
+                teacher_temp, teacher_temp_objects, pos_weight, use_objects, use_neighbours)
         world = dist.world_size()
         distributed = world > 1
         B, _, N, d = teacher_tokens.shape
         K = self.n_clusters
         pos = positions.detach().cpu().numpy() if torch.is_tensor(positions) else positions
-        ids = (np.arange(B) if image_ids is None else
-               (image_ids.detach().cpu().numpy() if torch.is_tensor(image_ids)
-                else np.asarray(image_ids))).astype(np.int64)
 
         tick = time.perf_counter
         timings: Dict[str, float] = {}
@@ -335,7 +394,8 @@ class CriboObjective(nn.Module):
                  "consistent": consistent / n_lookups if n_lookups else 0.0,
                  "queue_images": float(len(self.queue))}
         return ObjectiveOutput(loss=loss, terms=terms, stats=stats, labels=c.labels,
-                               valid=valid, extra={"match": match}, timings=timings)
+                               valid=valid, extra={"match": match, "backend": "c"},
+                               timings=timings)
 
     @torch.no_grad()
     def _update_centers(self, res: CriboLosses, tg: torch.Tensor, to: torch.Tensor,
@@ -352,3 +412,139 @@ class CriboObjective(nn.Module):
             if s[-1] > 0:
                 mean = (s[:-1] / s[-1]).to(buf.dtype).to(buf.device)
                 buf.mul_(m).add_(mean, alpha=1.0 - m)
+
+    # ------------------------------------------------------------------ torch engine
+    def _forward_torch(self, student: StudentFn, teacher_cls: torch.Tensor,
+                       teacher_tokens: torch.Tensor, positions: Any, teacher_head: nn.Module,
+                       ids: np.ndarray, step: int, teacher_temp: float,
+                       teacher_temp_objects: Optional[float], pos_weight: Optional[float],
+                       use_objects: bool, use_neighbours: bool) -> ObjectiveOutput:
+        """:meth:`forward` with :mod:`cribo.nn.torch_ops` on the tokens' device.  The
+        shapes (M objects) are known on the host from boolean indexing; the only
+        value read on the host is :func:`_host_scalars` at the end."""
+        world = dist.world_size()
+        distributed = world > 1
+        B, _, N, d = teacher_tokens.shape
+        K = self.n_clusters
+        dev = teacher_tokens.device
+        f64 = torch.float64
+        tick = time.perf_counter
+        timings: Dict[str, float] = {}
+        t = tick()
+        bad: Dict[str, torch.Tensor] = {}  # what -> 0-d "holds a NaN/inf", read at the end
+        t_tok = teacher_tokens.detach().float()
+        bad["the teacher's patch tokens"] = _nonfinite(t_tok)
+        bad["the teacher's CLS outputs"] = _nonfinite(teacher_cls)
+        pos = (positions.detach() if torch.is_tensor(positions)
+               else torch.as_tensor(np.asarray(positions))).to(dev, torch.float32)
+        # 1. Joint-space clustering (the C core's per-image seeds, drawn on the host).
+        c = torch_ops.cluster(t_tok, pos, K, pos_weight=self.pos_weight if pos_weight is None
+                              else pos_weight, sinkhorn_lambda=self.sinkhorn_lambda,
+                              sinkhorn_iters=self.sinkhorn_iters, n_iters=self.n_iters,
+                              seed=image_seeds(self.seed, step, ids))
+        valid = c.valid
+        counts = valid.sum(1)
+        timings["clustering"], t = tick() - t, tick()
+
+        # 2. The teacher's objects.
+        t_obj = torch_ops.pool(t_tok, c.labels, K, check_values=False)
+        t1, t2 = t_obj[:, 0][valid], t_obj[:, 1][valid]
+        M = t1.shape[0]
+        ids_dev = torch.as_tensor(ids, device=dev)
+        obj_ids = torch.repeat_interleave(ids_dev, counts, output_size=M)
+        timings["pooling"], t = tick() - t, tick()
+
+        # 3. Queue: look up, then push.
+        if distributed:
+            all1, sizes = dist.all_gather_tensor_rows(t1)
+            all2, _ = dist.all_gather_tensor_rows(t2)
+            all_counts, _ = dist.all_gather_tensor_rows(counts)
+            all_ids, _ = dist.all_gather_tensor_rows(ids_dev)
+            offset = sum(sizes[:dist.rank()])
+            match = self.queue.match(t1, t2, obj_ids, batch=(all1, all2), offset=offset)
+            self.queue.push(all1, all2, all_counts, image_ids=all_ids)
+        else:
+            match = self.queue.match(t1, t2, obj_ids)
+            self.queue.push(t1, t2, counts, image_ids=ids_dev)
+        timings["queue"], t = tick() - t, tick()
+
+        # 4. Heads.
+        sg, so = student(c.labels, valid)
+        bad["the student's global logits"] = _nonfinite(sg)
+        bad["the student's object logits"] = _nonfinite(so)
+        timings["student_forward"], t = tick() - t, tick()
+        L = sg.shape[-1]
+        w_obj = self.weights[1] if use_objects else 0.0
+        use_neighbours = use_neighbours and use_objects
+        w_nn = self.weights[2] if use_neighbours else 0.0
+        with torch.no_grad():
+            tg = teacher_head.forward_global(teacher_cls.transpose(0, 1).reshape(2 * B, d))
+            to = teacher_head.forward_objects(torch.cat([t1, t2]))
+            tn = None
+            if use_neighbours and M > 0:
+                # Rows outside the cycle masks are ignored by the losses (the C
+                # engine skips this head when no row passed; the result is the same).
+                tn = teacher_head.forward_objects(torch.cat([match.targets1, match.targets2]))
+                bad["the teacher's logits of the queue neighbours"] = _nonfinite(tn)
+                tn = tn.float().reshape(2, M, -1)
+            bad["the teacher's global logits"] = _nonfinite(tg)
+            bad["the teacher's object logits"] = _nonfinite(to)
+        timings["teacher_heads"], t = tick() - t, tick()
+
+        # 5. Losses (explicit gradient on autograd); centres.
+        Z = torch.stack([match.mask1.sum(), match.mask2.sum()])
+        den = None
+        if distributed:
+            den = dist.all_reduce_sum(torch.cat([torch.tensor([B, M], device=dev), Z]))
+        loss, res = device_losses(
+            sg, so, tg.float().reshape(2, B, L), to.float().reshape(2, M, -1), tn,
+            match.mask1, match.mask2, center_global=self.center_global.to(dev),
+            center_objects=self.center_objects.to(dev), student_temp=self.student_temp,
+            teacher_temp=teacher_temp, teacher_temp_objects=teacher_temp_objects,
+            weights=(self.weights[0], w_obj, w_nn), center_momentum=self.center_momentum,
+            denominators=den, grad_scale=float(world))
+        with torch.no_grad():
+            if distributed:
+                m = self.center_momentum
+                for buf, rows in ((self.center_global, tg), (self.center_objects, to)):
+                    s = torch.cat([rows.detach().double().sum(0),
+                                   torch.full((1,), rows.shape[0], dtype=f64, device=dev)])
+                    dist.all_reduce_sum(s)
+                    mean = (s[:-1] / s[-1].clamp(min=1)).to(buf.dtype).to(buf.device)
+                    buf.copy_(torch.where(s[-1] > 0, buf * m + mean * (1.0 - m), buf))
+            else:
+                self.center_global.copy_(res.center_global)
+                self.center_objects.copy_(res.center_objects)
+        timings["losses"] = tick() - t
+
+        # The logged scalars, summed over processes, and the finiteness flags.
+        vec = torch.stack([res.global_, res.objects, res.neighbours, res.total,
+                           Z.sum().to(f64), torch.tensor(2.0 * M, dtype=f64, device=dev)])
+        if distributed:
+            dist.all_reduce_sum(vec)
+        flags = torch.stack([b.to(f64) for b in bad.values()])
+        host = _host_scalars(torch.cat([vec, counts.to(f64).mean().reshape(1), flags]))
+        for what, flag in zip(bad, host[7:]):
+            if flag:
+                raise NonFiniteError(f"{what} hold non-finite values (NaN or inf)")
+        terms = dict(zip(("global", "objects", "neighbours", "total"), host[:4]))
+        consistent, n_lookups = host[4], int(host[5])
+        stats = {"objects_per_image": host[6], "n_objects": float(M),
+                 "consistent": consistent / n_lookups if n_lookups else 0.0,
+                 "queue_images": float(len(self.queue))}
+        return ObjectiveOutput(loss=loss, terms=terms, stats=stats, labels=c.labels,
+                               valid=valid, extra={"match": match, "backend": "torch"},
+                               timings=timings)
+
+
+def _nonfinite(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor on ``t``'s device: ``t`` holds a NaN or an infinity."""
+    t = t.detach()
+    return ~torch.isfinite(t).all() if t.numel() else torch.zeros((), dtype=torch.bool,
+                                                                  device=t.device)
+
+
+def _host_scalars(values: torch.Tensor) -> List[float]:
+    """The torch engine's one device-to-host read of a step: the logged scalars
+    (terms, statistics) and the finiteness flags, as Python floats."""
+    return values.detach().cpu().tolist()

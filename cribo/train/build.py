@@ -78,7 +78,8 @@ def build_objective(cfg: TrainConfig, embed_dim: int) -> CriboObjective:
         pos_weight=cfg.pos_weight_start, sinkhorn_lambda=cfg.sinkhorn_lambda,
         sinkhorn_iters=cfg.sinkhorn_iters, n_iters=cfg.cluster_n_iters,
         student_temp=cfg.student_temp, center_momentum=cfg.center_momentum,
-        weights=cfg.weights, exclude_same_image=cfg.exclude_same_image, seed=cfg.seed)
+        weights=cfg.weights, exclude_same_image=cfg.exclude_same_image, seed=cfg.seed,
+        backend=cfg.backend)
 
 
 def _param_groups(model: nn.Module) -> List[Dict[str, Any]]:

@@ -107,6 +107,11 @@ class TrainConfig:
                      low=0, high=2**32 - 1)
     device: str = _opt("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'",
                        check=_check_device)
+    backend: str = _opt("auto", "engine of the CrIBo operators (clustering, pooling, queue, "
+                        "losses): 'c' (the C core, on the host), 'torch' (torch on the "
+                        "tensors' device, no host copies) or 'auto' ('c' when the networks "
+                        "run on the CPU, 'torch' otherwise)",
+                        choices=("auto", "c", "torch"))
     threads: int = _opt(1, "CPU threads for torch and the C kernels (0: all cores); 1 is "
                         "fastest on a 2-core machine, where the data workers use the other core",
                         low=0, high=256)

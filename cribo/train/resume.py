@@ -41,7 +41,7 @@ __all__ = ["RUN_CONTROL", "config_differences"]
 #: (``preset`` only chooses defaults; the values it sets are compared one by one.)
 RUN_CONTROL = frozenset({
     "preset", "output_dir", "resume", "allow_config_change", "keep_checkpoints",
-    "dist_timeout", "device", "threads", "num_workers", "progress", "log_every",
+    "dist_timeout", "device", "backend", "threads", "num_workers", "progress", "log_every",
     "save_every", "profile", "evaluate", "eval_train_images", "eval_val_images", "eval_k",
 })
 

@@ -34,6 +34,7 @@ BAD = {
     "output_dir": ["", "   ", 7],
     "seed": [-1, 2**32, 1.5, "0"],
     "device": ["gpu", "cuda:x", "CPU", 0],
+    "backend": ["cuda", "C", "", 1],
     "threads": [-1, 257, 2.0],
     "resume": ["no", "false", 0, 1],
     "allow_config_change": ["yes", 1],

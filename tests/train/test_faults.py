@@ -741,7 +741,8 @@ def test_config_differences_ignore_run_control_and_count_processes():
     control = {"output_dir": "elsewhere", "threads": 2, "num_workers": 0, "progress": False,
                "log_every": 1, "save_every": 3, "keep_checkpoints": 4, "dist_timeout": 9.0,
                "evaluate": False, "eval_k": 3, "eval_train_images": 5, "eval_val_images": 5,
-               "resume": True, "allow_config_change": True, "device": "cpu", "preset": "cpu",
+               "resume": True, "allow_config_change": True, "device": "cpu", "backend": "torch",
+               "preset": "cpu",
                "profile": True}
     assert set(control) == set(RUN_CONTROL)
     assert config_differences(base, {**base, **control}) == []

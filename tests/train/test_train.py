@@ -102,11 +102,13 @@ def _adam_step_bounds(steps: int, beta1: float = 0.9, beta2: float = 0.999) -> n
             * geometric)
 
 
-def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path):
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path, backend):
     from cribo.train.schedules import cosine_schedule
     from cribo.train.build import build_models
 
-    common = ["--epochs", "2", "--drop-path", "0", "--n-images", "32", "--no-evaluate"]
+    common = ["--epochs", "2", "--drop-path", "0", "--n-images", "32", "--no-evaluate",
+              "--backend", backend]
     one = cfg_for(tmp_path, *common, "--batch-size", "8", name="one")
     torch.manual_seed(one.seed)  # as train() does before building its networks
     init = build_models(one)["student"].state_dict()
