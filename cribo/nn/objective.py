@@ -221,6 +221,14 @@ class CriboObjective(nn.Module):
         self.queue.load_state_dict({k: v.numpy() if torch.is_tensor(v) else v
                                     for k, v in q.items()})
 
+    def _clustering(self, pos_weight: Optional[float], step: int, ids: np.ndarray
+                    ) -> Dict[str, Any]:
+        """The clustering's hyper-parameters at this step, for either engine (the
+        per-image seeds depend only on the seed, the step and the image ids)."""
+        return dict(pos_weight=self.pos_weight if pos_weight is None else pos_weight,
+                    sinkhorn_lambda=self.sinkhorn_lambda, sinkhorn_iters=self.sinkhorn_iters,
+                    n_iters=self.n_iters, seed=image_seeds(self.seed, step, ids))
+
     def _engine_for(self, device: torch.device) -> str:
         """Resolves the engine (once) and puts the queue where that engine needs it."""
         if self.engine is None:
@@ -307,10 +315,7 @@ class CriboObjective(nn.Module):
         check_finite(teacher_cls, "the teacher's CLS outputs")
         # 1. Joint-space clustering of the teacher's tokens.
         t_tok = host_float32(teacher_tokens)
-        c = cluster(t_tok, pos, K, pos_weight=self.pos_weight if pos_weight is None
-                    else pos_weight, sinkhorn_lambda=self.sinkhorn_lambda,
-                    sinkhorn_iters=self.sinkhorn_iters, n_iters=self.n_iters,
-                    seed=image_seeds(self.seed, step, ids))
+        c = cluster(t_tok, pos, K, **self._clustering(pos_weight, step, ids))
         valid = c.valid
         counts = valid.sum(1)
         timings["clustering"], t = tick() - t, tick()
@@ -438,10 +443,7 @@ class CriboObjective(nn.Module):
         pos = (positions.detach() if torch.is_tensor(positions)
                else torch.as_tensor(np.asarray(positions))).to(dev, torch.float32)
         # 1. Joint-space clustering (the C core's per-image seeds, drawn on the host).
-        c = torch_ops.cluster(t_tok, pos, K, pos_weight=self.pos_weight if pos_weight is None
-                              else pos_weight, sinkhorn_lambda=self.sinkhorn_lambda,
-                              sinkhorn_iters=self.sinkhorn_iters, n_iters=self.n_iters,
-                              seed=image_seeds(self.seed, step, ids))
+        c = torch_ops.cluster(t_tok, pos, K, **self._clustering(pos_weight, step, ids))
         valid = c.valid
         counts = valid.sum(1)
         timings["clustering"], t = tick() - t, tick()

@@ -46,6 +46,22 @@ def _head_outputs(rng, B, M, L, scale=2.0):
                 center_global=f(L) * 0.1, center_objects=f(L) * 0.1)
 
 
+def case_inputs(case, B, M, L):
+    """The keyword arguments of cribo_losses for one of CASES (its flags applied:
+    no_neighbours, no_pairs, no_masks) on the head outputs seeded by the shape."""
+    kw = _head_outputs(np.random.default_rng(B + M + L), B, M, L)
+    case = dict(case)
+    if case.pop("no_neighbours", False):
+        kw["teacher_neighbours"] = None
+    if case.pop("no_pairs", False):
+        kw["mask1"] = np.zeros(M, bool)
+        kw["mask2"] = np.zeros(M, bool)
+    if case.pop("no_masks", False):
+        kw["mask1"] = kw["mask2"] = None
+    kw.update(case)
+    return kw
+
+
 CASES = [
     dict(),
     dict(weights=(1.0, 0.0, 0.0)),       # global only (DINO)
@@ -59,15 +75,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(c) or "default")
 @pytest.mark.parametrize("B,M,L", [(1, 1, 3), (4, 7, 64), (3, 0, 16), (2, 40, 4096)])
 def test_cribo_losses_match_reference(case, B, M, L):
-    rng = np.random.default_rng(B + M + L)
-    kw = _head_outputs(rng, B, M, L)
-    case = dict(case)
-    if case.pop("no_neighbours", False):
-        kw["teacher_neighbours"] = None
-    if case.pop("no_pairs", False):
-        kw["mask1"] = np.zeros(M, bool)
-        kw["mask2"] = np.zeros(M, bool)
-    kw.update(case)
+    kw = case_inputs(case, B, M, L)
     out = cribo.cribo_losses(**kw)
     r = ref.cribo_losses(**kw)
     scale = 2.0 * 4 / 0.1

@@ -12,7 +12,7 @@ import cribo
 import reference as ref
 from conftest import assert_close_f32
 from cribo.nn.torch_ops import losses as tl
-from ops.test_losses import CASES as C_CASES, _head_outputs
+from ops.test_losses import CASES as C_CASES, _head_outputs, case_inputs
 
 
 def _t(kw: dict) -> dict:
@@ -187,17 +187,7 @@ def _assert_equal_to_c(out: tl.TorchCriboLosses, c: cribo.CriboLosses, B: int, M
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(c) or "default")
 @pytest.mark.parametrize("B,M,L", [(1, 1, 3), (4, 7, 64), (3, 0, 16), (2, 40, 4096)])
 def test_cribo_losses_equal_the_c_core(case, B, M, L):
-    rng = np.random.default_rng(B + M + L)
-    kw = _head_outputs(rng, B, M, L)
-    case = dict(case)
-    if case.pop("no_neighbours", False):
-        kw["teacher_neighbours"] = None
-    if case.pop("no_pairs", False):
-        kw["mask1"] = np.zeros(M, bool)
-        kw["mask2"] = np.zeros(M, bool)
-    if case.pop("no_masks", False):
-        kw["mask1"] = kw["mask2"] = None
-    kw.update(case)
+    kw = case_inputs(case, B, M, L)
     out = tl.cribo_losses(**_t(kw))
     _assert_equal_to_c(out, cribo.cribo_losses(**kw), B, M, L)
     r = ref.cribo_losses(**kw)
