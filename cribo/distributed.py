@@ -34,6 +34,22 @@ def launched_world_size() -> int:
         return 1
 
 
+def cpu_share() -> int:
+    """The CPU cores this process may run on, divided among the processes the
+    launcher started on this machine (``torchrun``'s ``LOCAL_WORLD_SIZE``; 1 when
+    unset or malformed), at least 1: what ``--threads 0`` gives each process, so
+    that P processes on one machine do not each start a thread per core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        local = 1
+    return max(cores // local, 1)
+
+
 def initialized() -> bool:
     """True when a default process group is up (under ``torchrun``, after
     ``init_process_group``)."""

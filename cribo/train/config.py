@@ -112,8 +112,10 @@ class TrainConfig:
                         "tensors' device, no host copies) or 'auto' ('c' when the networks "
                         "run on the CPU, 'torch' otherwise)",
                         choices=("auto", "c", "torch"))
-    threads: int = _opt(1, "CPU threads for torch and the C kernels (0: all cores); 1 is "
-                        "fastest on a 2-core machine, where the data workers use the other core",
+    threads: int = _opt(1, "CPU threads for torch and the C kernels (0: this process's "
+                        "share of the cores: all of them, divided among the processes torchrun "
+                        "started on the machine); 1 is fastest on a 2-core machine, where the "
+                        "data workers use the other core",
                         low=0, high=256)
     resume: Optional[bool] = _opt(
         None, f"continue from output_dir/{CHECKPOINT}. Unset (the default): continue when "

@@ -277,9 +277,9 @@ def train(cfg: TrainConfig,
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
     main = dist.is_main()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-        cribo.set_num_threads(cfg.threads)
+    threads = cfg.threads if cfg.threads > 0 else dist.cpu_share()
+    torch.set_num_threads(threads)
+    cribo.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
