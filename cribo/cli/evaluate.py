@@ -103,7 +103,12 @@ def build_parser(prog: str = "cribo evaluate") -> argparse.ArgumentParser:
                    help="validation patches per top-k search call (bounds memory)")
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch and the C search (0: leave as is)")
-    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto")
+    g.add_argument("--device", default="auto",
+                   help="torch device of the backbone and the top-k search: auto (cuda when "
+                        "available, else cpu), cpu (the C search on the host), cuda or cuda:N")
+    g.add_argument("--search-mb", type=int, default=256,
+                   help="memory budget of one top-k search step on a GPU, MiB (the bank and "
+                        "the queries are scanned in blocks sized from it; unused on the CPU)")
     g.add_argument("--out", default="evaluation.json", help="JSON file for all results")
     g.add_argument("--progress", action=B, default=True, help="show progress bars")
     return p
@@ -283,6 +288,7 @@ def _check(a: argparse.Namespace) -> None:
         (a.batch_size >= 1, "--batch-size must be >= 1", a.batch_size),
         (a.query_chunk >= 1, "--query-chunk must be >= 1", a.query_chunk),
         (a.threads >= 0, "--threads must be >= 0", a.threads),
+        (a.search_mb >= 1, "--search-mb must be >= 1", a.search_mb),
         (a.image_size is None or a.image_size >= 1, "--image-size must be >= 1", a.image_size),
         (a.n_classes >= 1, "--n-classes must be >= 1", a.n_classes),
         (a.scene_size >= 1, "--scene-size must be >= 1", a.scene_size),
@@ -293,6 +299,26 @@ def _check(a: argparse.Namespace) -> None:
     for option, path in (("--checkpoint", a.checkpoint), ("--compare", a.compare)):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f"{option}: no checkpoint at {path}")
+
+
+def _device(name: str) -> Any:
+    """The torch device that ``--device`` names ("auto": cuda when available, else cpu).
+
+    Raises:
+        ValueError naming --device: not a device name, or CUDA asked for but absent.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (use --device auto "
+                         "or cpu)")
+    return device
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -312,8 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
         cribo.set_num_threads(a.threads)
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if a.device == "auto" else a.device))
+    device = _device(a.device)
     train_set, val_set = _datasets(a)
 
     models: Dict[str, Any] = {"checkpoint": _load("--checkpoint", a.checkpoint, a)}
@@ -332,7 +357,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 batch_size=a.batch_size, query_chunk=a.query_chunk, upsample=a.upsample,
                 probe=a.probe, probe_epochs=a.probe_epochs, probe_lr=a.probe_lr,
                 probe_batch_size=a.probe_batch_size, probe_balanced=a.probe_balanced,
-                seed=a.seed, device=device, progress=a.progress)
+                seed=a.seed, device=device, progress=a.progress,
+                search_bytes=a.search_mb << 20)
     print(f"cribo evaluate: {len(train_set)} training images x {max(a.augment_passes, 1)} "
           f"view(s) for the bank, {len(val_set)} validation images, {image_size} px, "
           f"{len(class_names_of(val_set))} classes")
@@ -368,8 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     out = {"type": "evaluation", "time": datetime.datetime.now().isoformat(timespec="seconds"),
            "cribo": cribo.__version__, "args": vars(a) | {"crop_scale": list(a.crop_scale)},
-           "image_size": image_size, "init_seed": init_seed, "n_train": len(train_set),
-           "n_val": len(val_set),
+           "device": str(device), "image_size": image_size, "init_seed": init_seed,
+           "n_train": len(train_set), "n_val": len(val_set),
            "models": {m: {kind: (r.to_dict() if r is not None else None)
                           for kind, r in rs.items()} for m, rs in results.items()},
            "bootstrap": boot}

@@ -6,7 +6,8 @@ Stegmüller et al., ICLR 2024, §4): a memory bank of L2-normalised final patch
 tokens of augmented training views, each labelled with its patch's class
 histogram (:func:`cribo.evaluation.bank.build_bank`); every validation
 patch takes its ``k`` most cosine-similar bank entries (the C blocked search
-:func:`cribo.topk_cosine`), weights them by ``softmax(similarity /
+:func:`cribo.topk_cosine` on the host, or :func:`cribo.nn.torch_ops.topk_cosine`
+on the evaluation's GPU), weights them by ``softmax(similarity /
 temperature)`` and sums their histograms; the class scores of the patch grid
 are upsampled to the mask (bilinear on the scores, or nearest) and the argmax
 is the prediction.  Scores: :mod:`cribo.evaluation.metrics`.
@@ -18,6 +19,9 @@ validation patch; class probabilities are upsampled like the votes.
 Validation images are encoded at :func:`~cribo.evaluation.features.eval_size`
 (shorter side ``image_size``, the other a multiple of the patch size) and
 scored at their mask's own resolution.
+
+(About 550 lines, a third of them docstrings: the vote's two engines, the probe
+and the evaluation that runs both share this one module.)
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ import numpy as np
 
 from ..ops.queue import topk_cosine
 from .bank import Bank, build_bank
-from .features import _bar, class_names_of, encode, eval_size, patch_size_of, resize_image
+from .features import (_bar, _device_of, class_names_of, encode, eval_size, patch_size_of,
+                       resize_image)
 from .metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 
 __all__ = [
@@ -42,8 +47,9 @@ __all__ = [
 # the two per-patch predictors
 # =============================================================================
 
-def knn_vote(queries: np.ndarray, bank_features: np.ndarray, bank_histograms: np.ndarray, *,
-             k: int = 30, temperature: float = 0.02, chunk: int = 8192) -> np.ndarray:
+def knn_vote(queries: Any, bank_features: Any, bank_histograms: Any, *,
+             k: int = 30, temperature: float = 0.02, chunk: int = 8192, device: Any = None,
+             search: str = "auto", chunk_bytes: Optional[int] = None) -> np.ndarray:
     """Class scores of each query patch from its k nearest bank entries.
 
     ``votes[m] = sum_j softmax(s_m / temperature)_j * hist[idx_m[j]]`` where
@@ -55,14 +61,32 @@ def knn_vote(queries: np.ndarray, bank_features: np.ndarray, bank_histograms: np
     neither ``chunk`` nor the thread count nor the BLAS kernel changes a bit of
     the result.
 
+    **The device path** (``search="torch"``, or ``"auto"`` with a non-CPU
+    ``device``): the bank and each chunk of queries become float32 tensors on
+    ``device``, the search is :func:`cribo.nn.torch_ops.topk_cosine` (exact, ties
+    to the lower index, scanned in blocks sized from ``chunk_bytes``) and the
+    vote is the same float64 elementwise steps, neighbour 0 to k-1, on the
+    device; only the (chunk, C) float32 votes come back to the host.  Its result
+    equals the C path's up to the last bits of the float64 ``exp`` and of the
+    float32 similarities (tests/evaluation/test_device_search.py), and is itself
+    independent of ``chunk``.
+
     Args:
-        queries: (M, D) float32 patch features.
-        bank_features: (Q, D) float32 bank features, Q >= k.
-        bank_histograms: (Q, C) float32 class fractions of the bank patches.
+        queries: (M, D) float32 patch features (NumPy; a tensor on the torch path).
+        bank_features: (Q, D) float32 bank features, Q >= k (NumPy; on the torch
+            path also a tensor, used in place when already on ``device``).
+        bank_histograms: (Q, C) float32 class fractions of the bank patches (as
+            ``bank_features``).
         k: neighbours.
         temperature: softmax temperature of the similarity weights (> 0).
         chunk: queries per search call (bounds the (chunk, k, C) gather and the
             search's per-thread lists; the bank is read once per chunk).
+        device: torch device of the torch path (default: the CPU path, the C search).
+        search: ``"auto"`` (the C search on the host when ``device`` is None or
+            the CPU, the torch search otherwise), ``"c"`` or ``"torch"`` (on
+            ``device``, default the CPU).
+        chunk_bytes: memory budget of one torch search step (default:
+            :func:`cribo.nn.torch_ops.topk_cosine`'s); unused by the C search.
 
     Returns:
         (M, C) float32 votes (each row sums to the mass of its histograms, 1).
@@ -79,6 +103,9 @@ def knn_vote(queries: np.ndarray, bank_features: np.ndarray, bank_histograms: np
         raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
     if chunk < 1:
         raise ValueError(f"{fn}: chunk must be >= 1, got {chunk}")
+    if _search_engine(search, device, fn) == "torch":
+        return _knn_vote_torch(queries, bank_features, bank_histograms, k, temperature, chunk,
+                               device, chunk_bytes)
     M, C = queries.shape[0], bank_histograms.shape[1]
     out = np.empty((M, C), np.float32)
     hist = np.ascontiguousarray(bank_histograms, np.float32)
@@ -95,6 +122,50 @@ def knn_vote(queries: np.ndarray, bank_features: np.ndarray, bank_histograms: np
             total += w[:, j]
             votes += w[:, j:j + 1] * hist[idx[:, j]]
         out[s:s + chunk] = votes / total[:, None]
+    return out
+
+
+def _search_engine(search: str, device: Any, fn: str) -> str:
+    """``"c"`` or ``"torch"``: the engine that ``search`` and ``device`` ask for."""
+    if search not in ("auto", "c", "torch"):
+        raise ValueError(f"{fn}: search must be 'auto', 'c' or 'torch', got {search!r}")
+    if search != "auto":
+        return search
+    if device is None:
+        return "c"
+    import torch
+
+    return "c" if torch.device(device).type == "cpu" else "torch"
+
+
+def _knn_vote_torch(queries: Any, bank_features: Any, bank_histograms: Any, k: int,
+                    temperature: float, chunk: int, device: Any,
+                    chunk_bytes: Optional[int]) -> np.ndarray:
+    """:func:`knn_vote`'s device path (arguments checked there): (M, C) float32 NumPy votes."""
+    import torch
+
+    from ..nn.torch_ops.queue import DEFAULT_CHUNK_BYTES
+    from ..nn.torch_ops.queue import topk_cosine as torch_topk_cosine
+
+    dev = torch.device("cpu" if device is None else device)
+    bank = torch.as_tensor(bank_features, dtype=torch.float32, device=dev)
+    hist = torch.as_tensor(bank_histograms, dtype=torch.float32, device=dev)
+    M, C = queries.shape[0], hist.shape[1]
+    out = np.empty((M, C), np.float32)
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    with torch.no_grad():
+        for s in range(0, M, chunk):
+            q = torch.as_tensor(queries[s:s + chunk], dtype=torch.float32, device=dev)
+            idx, sim = torch_topk_cosine(q, bank, k, chunk_bytes=budget)
+            sim = sim.to(torch.float64)
+            w = torch.exp((sim - sim[:, :1]) / temperature)          # sim[:, 0] is the max
+            # the C path's steps: elementwise, float64, neighbour 0 to k-1
+            total = w[:, 0].clone()
+            votes = w[:, :1] * hist[idx[:, 0]]
+            for j in range(1, k):
+                total += w[:, j]
+                votes += w[:, j:j + 1] * hist[idx[:, j]]
+            out[s:s + chunk] = (votes / total[:, None]).to(torch.float32).cpu().numpy()
     return out
 
 
@@ -302,6 +373,7 @@ def dense_evaluation(backbone: Any, train_set: Any, val_set: Any, *, k: int = 30
                      probe_lr: float = 1e-2, probe_batch_size: int = 1024,
                      probe_balanced: bool = False, keep_predictions: int = 4, seed: int = 0,
                      device: Any = None, progress: bool = True, bank: Optional[Bank] = None,
+                     search: str = "auto", search_bytes: Optional[int] = None,
                      ) -> Tuple[Optional[RetrievalResult], Optional[ProbeResult]]:
     """NN retrieval and the linear probe from one bank and one pass over the validation set.
 
@@ -326,9 +398,15 @@ def dense_evaluation(backbone: Any, train_set: Any, val_set: Any, *, k: int = 30
             optimisation (:func:`train_linear_probe`).
         keep_predictions: validation images whose predicted masks are kept.
         seed: seed of the bank's views and sampling and of the probe.
-        device: torch device (default: the backbone's).
+        device: torch device of the backbone and, off the CPU, of the top-k
+            search and the vote (default: the backbone's).
         progress: tqdm bars.
         bank: a bank built before with the same settings (skips building it).
+        search: the top-k search's engine, :func:`knn_vote`'s ``search``
+            (``"auto"``: the C search on the host when ``device`` is the CPU, the
+            torch search on ``device`` otherwise, the bank moved there once).
+        search_bytes: memory budget of one torch search step (default:
+            :func:`cribo.nn.torch_ops.topk_cosine`'s).
 
     Returns:
         ``(RetrievalResult or None, ProbeResult or None)``.
@@ -348,6 +426,8 @@ def dense_evaluation(backbone: Any, train_set: Any, val_set: Any, *, k: int = 30
                          f"got {upsample!r}")
     if not (retrieval or probe):
         raise ValueError("dense_evaluation: nothing to do (retrieval=False and probe=False)")
+    search_device = _device_of(backbone) if device is None else device
+    engine = _search_engine(search, search_device, "dense_evaluation")
     if bank is None:
         bank = build_bank(backbone, train_set, image_size=image_size, n_classes=C,
                           patch_size=p, patches_per_image=patches_per_image,
@@ -359,6 +439,12 @@ def dense_evaluation(backbone: Any, train_set: Any, val_set: Any, *, k: int = 30
     if retrieval and len(bank) < k:
         raise ValueError(f"dense_evaluation: k={k} but the bank has only {len(bank)} patches "
                          "(use more training images, augment passes or patches_per_image)")
+    bank_features, bank_histograms = bank.features, bank.histograms
+    if retrieval and engine == "torch":                 # on the device once, not per batch
+        import torch
+
+        bank_features = torch.as_tensor(bank.features, device=torch.device(search_device))
+        bank_histograms = torch.as_tensor(bank.histograms, device=torch.device(search_device))
     head = (train_linear_probe(bank.features, bank.labels, C, epochs=probe_epochs, lr=probe_lr,
                                batch_size=probe_batch_size, balanced=probe_balanced, seed=seed,
                                progress=progress)
@@ -390,8 +476,10 @@ def dense_evaluation(backbone: Any, train_set: Any, val_set: Any, *, k: int = 30
         offsets = np.cumsum([0] + [zi.shape[0] for zi in z])
         scores = {}
         if retrieval:
-            scores["nn"] = knn_vote(queries, bank.features, bank.histograms, k=k,
-                                    temperature=temperature, chunk=query_chunk)
+            scores["nn"] = knn_vote(queries, bank_features, bank_histograms, k=k,
+                                    temperature=temperature, chunk=query_chunk,
+                                    device=search_device, search=engine,
+                                    chunk_bytes=search_bytes)
         if head is not None:
             scores["probe"] = head.probabilities(queries)
         for j, i in enumerate(part):
@@ -430,7 +518,7 @@ def evaluate_retrieval(backbone: Any, train_set: Any, val_set: Any, *, k: int = 
 
     See :func:`dense_evaluation` for every argument (``kwargs``: ``crop_scale``,
     ``query_chunk``, ``upsample``, ``keep_predictions``, ``device``,
-    ``progress``, ``bank``).
+    ``progress``, ``bank``, ``search``, ``search_bytes``).
 
     Returns:
         :class:`RetrievalResult`: ``miou``, ``per_class_iou``, ``fg_iou``,

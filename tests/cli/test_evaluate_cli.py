@@ -369,3 +369,49 @@ def test_a_run_prints_no_number_with_two_decimals(tmp_path, checkpoint, capsys):
     results = text[text.index("scores (%):"):]
     assert "checkpoint - random init" in results and "% CI)" in results
     assert not re.search(r"\d\.\d\d", results), results
+
+
+# ----------------------------------------------------------------------------- the device
+
+def test_device_defaults_to_auto_and_bad_devices_name_the_option(monkeypatch):
+    from cribo.cli import evaluate
+
+    parser = build_parser()
+    a = parser.parse_args(["--checkpoint", "x.pth"])
+    assert a.device == "auto" and a.search_mb == 256
+    assert "auto (cuda when available, else cpu)" in " ".join(parser.format_help().split())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert evaluate._device("auto") == torch.device("cuda")
+    assert evaluate._device("cuda:1") == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluate._device("auto") == torch.device("cpu")
+    assert evaluate._device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda:1: CUDA is not available"):
+        evaluate._device("cuda:1")
+    with pytest.raises(ValueError, match=re.escape("--device must be auto, cpu, cuda or "
+                                                   "cuda:N, got 'gpu'")):
+        evaluate._device("gpu")
+    with pytest.raises(ValueError, match="--search-mb must be >= 1, got 0"):
+        main(["--checkpoint", "x.pth", "--search-mb", "0"])
+
+
+def test_device_cpu_runs_the_c_search_and_auto_without_a_gpu_is_the_same(tmp_path, checkpoint,
+                                                                          monkeypatch):
+    from cribo.nn import torch_ops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch_ops.queue, "topk_cosine",
+                        lambda *a, **kw: pytest.fail("the torch search ran on the CPU"))
+    common = ["--checkpoint", str(checkpoint), "--n-train", "3", "--n-val", "2",
+              "--scene-size", "32", "--k", "3", "--augment-passes", "1", "--probe-epochs", "1",
+              "--bootstrap", "0", "--no-floor", "--no-progress", "--threads", "1"]
+    results = []
+    for extra in (["--device", "cpu"], []):
+        out = tmp_path / f"eval{len(extra)}.json"
+        assert main(common + extra + ["--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["device"] == "cpu"
+        for r in res["models"]["checkpoint"].values():
+            r.pop("seconds")
+        results.append(res["models"])
+    assert results[0] == results[1]
